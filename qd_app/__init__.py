@@ -1,0 +1,1 @@
+"""qd_app: federated unlearning with Flower (QuickDrop and baselines)."""

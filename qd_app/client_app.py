@@ -1,0 +1,61 @@
+"""qd_app ClientApp: receives messages, calls :mod:`qd_app.client_tasks`, replies.
+
+A handler that fails on bad input (a :class:`~qd_app.errors.UserFacingError`)
+replies with an error whose reason is that one message, so the server can stop the
+run with it; other exceptions are left to Flower.
+"""
+
+import functools
+from collections.abc import Callable
+
+from flwr.app import Context, Error, Message, RecordDict
+from flwr.clientapp import ClientApp
+from flwr.common.constant import ErrorCode
+
+from . import client_tasks
+from .client_tasks import ClientRun
+from .errors import UserFacingError
+
+app = ClientApp()
+
+Handler = Callable[[Message, Context], Message]
+
+
+def replies_errors(handler: Handler) -> Handler:
+    """Turn a user-facing error into an error reply carrying its message."""
+
+    @functools.wraps(handler)
+    def wrapped(msg: Message, context: Context) -> Message:
+        try:
+            return handler(msg, context)
+        except UserFacingError as exc:
+            reason = f"{type(exc).__name__}: {exc}"
+            return Message(Error(code=ErrorCode.CLIENT_APP_RAISED_EXCEPTION, reason=reason), reply_to=msg)
+
+    return wrapped
+
+
+@app.query()
+@replies_errors
+def query(msg: Message, context: Context) -> Message:
+    """Report this client's partition and class counts (the server's inventory)."""
+    client = ClientRun.from_context(context)
+    return Message(RecordDict({"inventory": client_tasks.inventory(client)}), reply_to=msg)
+
+
+@app.train()
+@replies_errors
+def train(msg: Message, context: Context) -> Message:
+    """Local SGD on the client's data from the received model (FedAvg)."""
+    client = ClientRun.from_context(context)
+    arrays, metrics = client_tasks.local_train(client, msg.content["arrays"], msg.content["config"])
+    return Message(RecordDict({"arrays": arrays, "metrics": metrics}), reply_to=msg)
+
+
+@app.evaluate()
+@replies_errors
+def evaluate(msg: Message, context: Context) -> Message:
+    """Evaluate the received model on the client's own training data."""
+    client = ClientRun.from_context(context)
+    metrics = client_tasks.local_evaluate(client, msg.content["arrays"])
+    return Message(RecordDict({"metrics": metrics}), reply_to=msg)

@@ -1,0 +1,226 @@
+"""Run settings: one validated object built from Flower's run config.
+
+Every setting is a kebab-case key of ``[tool.flwr.app.config]`` in ``pyproject.toml``
+and a snake_case field of :class:`RunConfig`; the README documents them. Values
+coming from ``flwr run -c`` are not type-checked by Flower, so all checks live here
+and every failure names the setting, the value and what is allowed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Any
+
+from .errors import ConfigError
+
+DATASET_NAMES = ("mnist", "fashion-mnist", "cifar10", "svhn")
+PARTITIONINGS = ("dirichlet", "iid")
+MODEL_NAMES = ("convnet",)
+MODEL_NORMS = ("instance", "batch", "none")
+MODEL_POOLINGS = ("avg", "max", "none")
+_EXPERIMENT_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+_DEVICE_PATTERN = re.compile(r"^(auto|cpu|cuda(:\d+)?)$")
+
+
+def invalid(key: str, value: Any, allowed: str) -> ConfigError:
+    """Build the one error message format used for every bad setting."""
+    return ConfigError(f"invalid setting {key}={value!r}: {allowed}")
+
+
+def cache_root() -> Path:
+    """Folder for the app's data, outputs and stores when no path is configured."""
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "qd_app"
+
+
+def resolve_dir(key: str, value: str, default_name: str) -> Path:
+    """Turn a directory setting into an absolute path (empty means the cache default).
+
+    The app runs from an installed FAB in the SuperLink's working directory, so a
+    relative path would land somewhere unexpected: it is refused.
+    """
+    if value == "":
+        return cache_root() / default_name
+    path = Path(value).expanduser()
+    if not path.is_absolute():
+        raise invalid(key, value, "must be an absolute path (or empty for the default)")
+    return path
+
+
+@dataclass(frozen=True)
+class RunConfig:  # pylint: disable=too-many-instance-attributes
+    """All run settings, validated. Field ``foo_bar`` is run-config key ``foo-bar``."""
+
+    experiment: str = "default"
+    output_dir: str = ""
+    data_dir: str = ""
+    dataset: str = "mnist"
+    partitioning: str = "dirichlet"
+    alpha: float = 0.1
+    seed: int = 0
+    num_server_rounds: int = 8
+    fraction_train: float = 1.0
+    local_epochs: int = 1
+    local_steps: int = 0
+    batch_size: int = 64
+    lr: float = 0.05
+    momentum: float = 0.9
+    weight_decay: float = 0.0
+    model: str = "convnet"
+    model_depth: int = 3
+    model_width: int = 32
+    model_norm: str = "instance"
+    model_pooling: str = "avg"
+    device: str = "auto"
+    eval_batch_size: int = 500
+
+    def __post_init__(self) -> None:
+        for field in fields(self):
+            object.__setattr__(self, field.name, _coerce(field, getattr(self, field.name)))
+        self._check()
+
+    # pylint: disable-next=too-many-branches
+    def _check(self) -> None:
+        choices = {
+            "dataset": DATASET_NAMES,
+            "partitioning": PARTITIONINGS,
+            "model": MODEL_NAMES,
+            "model-norm": MODEL_NORMS,
+            "model-pooling": MODEL_POOLINGS,
+        }
+        for key, allowed in choices.items():
+            value = getattr(self, _field_name(key))
+            if value not in allowed:
+                raise invalid(key, value, f"must be one of {', '.join(allowed)}")
+        if not _EXPERIMENT_PATTERN.match(self.experiment):
+            raise invalid(
+                "experiment", self.experiment, "must be a folder name of letters, digits, '.', '_', '-'"
+            )
+        if not self.alpha > 0:
+            raise invalid("alpha", self.alpha, "must be > 0 (smaller is more non-IID)")
+        if not 0.0 < self.fraction_train <= 1.0:
+            raise invalid("fraction-train", self.fraction_train, "must be in (0, 1]")
+        positive = ("num-server-rounds", "local-epochs", "batch-size", "model-depth", "model-width")
+        for key in positive + ("eval-batch-size",):
+            if getattr(self, _field_name(key)) < 1:
+                raise invalid(key, getattr(self, _field_name(key)), "must be >= 1")
+        for key in ("local-steps", "seed", "momentum", "weight-decay"):
+            if getattr(self, _field_name(key)) < 0:
+                raise invalid(key, getattr(self, _field_name(key)), "must be >= 0")
+        if not self.lr > 0:
+            raise invalid("lr", self.lr, "must be > 0")
+        if not _DEVICE_PATTERN.match(self.device):
+            raise invalid("device", self.device, "must be auto, cpu, cuda or cuda:<index>")
+        self.output_path  # pylint: disable=pointless-statement
+        self.data_path  # pylint: disable=pointless-statement
+
+    @classmethod
+    def from_run_config(cls, run_config: Mapping[str, Any]) -> RunConfig:
+        """Build from Flower's ``context.run_config`` (kebab-case keys).
+
+        Missing keys take the defaults; unknown keys are refused.
+        """
+        known = {_key(field.name): field.name for field in fields(cls)}
+        unknown = sorted(set(run_config) - set(known))
+        if unknown:
+            raise ConfigError(
+                f"unknown setting(s) {', '.join(unknown)}; known settings: {', '.join(sorted(known))}"
+            )
+        return cls(**{known[key]: value for key, value in run_config.items()})
+
+    def to_run_config(self) -> dict[str, Any]:
+        """The settings as kebab-case run-config keys (what results.json records)."""
+        return {_key(field.name): getattr(self, field.name) for field in fields(self)}
+
+    def resolved_run_config(self) -> dict[str, Any]:
+        """:meth:`to_run_config` with the directories as the absolute paths in use."""
+        return {
+            **self.to_run_config(),
+            "output-dir": str(self.output_path.parent),
+            "data-dir": str(self.data_path),
+        }
+
+    def replace(self, **changes: Any) -> RunConfig:
+        """A copy with some fields changed (validated again)."""
+        return dataclasses.replace(self, **changes)
+
+    @property
+    def output_path(self) -> Path:
+        """Absolute folder of this experiment's outputs: ``output-dir/<experiment>``."""
+        return resolve_dir("output-dir", self.output_dir, "outputs") / self.experiment
+
+    @property
+    def data_path(self) -> Path:
+        """Absolute folder holding the datasets."""
+        return resolve_dir("data-dir", self.data_dir, "data")
+
+
+@dataclass(frozen=True)
+class NodeSettings:
+    """What a ClientApp learns from its SuperNode's ``node_config``.
+
+    ``partition-id`` and ``num-partitions`` pick the client's share of the data; in a
+    deployment a SuperNode may also set ``data-dir`` (its own disk), which replaces
+    the run config's value on that node.
+    """
+
+    partition_id: int
+    num_partitions: int
+    data_dir: str | None = None
+
+    @classmethod
+    def from_node_config(cls, node_config: Mapping[str, Any]) -> NodeSettings:
+        """Read and check the node's settings."""
+        for key in ("partition-id", "num-partitions"):
+            if key not in node_config:
+                raise ConfigError(
+                    f"node_config has no {key}: start each SuperNode with "
+                    "--node-config \"partition-id=<i> num-partitions=<n>\""
+                )
+        num_partitions = _as_int("num-partitions", node_config["num-partitions"])
+        partition_id = _as_int("partition-id", node_config["partition-id"])
+        if num_partitions < 1:
+            raise invalid("num-partitions", num_partitions, "must be >= 1")
+        if not 0 <= partition_id < num_partitions:
+            raise invalid("partition-id", partition_id, f"must be in [0, {num_partitions - 1}]")
+        data_dir = node_config.get("data-dir")
+        if data_dir is not None:
+            resolve_dir("data-dir", str(data_dir), "data")
+        return cls(partition_id, num_partitions, None if data_dir is None else str(data_dir))
+
+    def apply(self, config: RunConfig) -> RunConfig:
+        """The run config as this node sees it (node-level paths replace run-level ones)."""
+        return config if self.data_dir is None else config.replace(data_dir=self.data_dir)
+
+
+def _key(field_name: str) -> str:
+    return field_name.replace("_", "-")
+
+
+def _field_name(key: str) -> str:
+    return key.replace("-", "_")
+
+
+def _as_int(key: str, value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or int(value) != value:
+        raise invalid(key, value, "must be an integer")
+    return int(value)
+
+
+def _coerce(field: dataclasses.Field, value: Any) -> Any:
+    """Check a value against the field's declared type (int, float or str)."""
+    key = _key(field.name)
+    if field.type == "int":
+        return _as_int(key, value)
+    if field.type == "float":
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise invalid(key, value, "must be a number")
+        return float(value)
+    if not isinstance(value, str):
+        raise invalid(key, value, "must be a string")
+    return value

@@ -1,0 +1,102 @@
+"""Server-side evaluation of the global model on the full test set, per class.
+
+The :class:`ServerEvaluator` gives each stage an ``evaluate_fn`` for
+``Strategy.start``: it numbers rounds across stages (so one plot spans the whole
+experiment) and keeps the history as :class:`RoundRecord` entries.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from logging import INFO
+
+import torch
+from flwr.app import ArrayRecord, MetricRecord
+from flwr.common import log
+
+from .config import RunConfig
+from .data import dataset_spec, evaluation_split
+from .models import ModelSpec, build_model
+from .training import per_class_accuracy, predict
+
+
+@dataclass(frozen=True)
+class RoundRecord:
+    """Test accuracy of the global model after one round of a stage."""
+
+    round: int
+    stage: str
+    accuracy: float
+    class_accuracy: tuple[float, ...]
+
+    def as_dict(self) -> dict:
+        """JSON form with the app's kebab-case keys."""
+        return {
+            "round": self.round,
+            "stage": self.stage,
+            "accuracy": self.accuracy,
+            "class-accuracy": list(self.class_accuracy),
+        }
+
+
+def accuracy_metrics(accuracy: float, class_accuracy: tuple[float, ...]) -> MetricRecord:
+    """The MetricRecord form of an evaluation (NaN classes, absent from the data, as -1)."""
+    return MetricRecord(
+        {
+            "accuracy": accuracy,
+            "class-accuracy": [-1.0 if math.isnan(a) else a for a in class_accuracy],
+        }
+    )
+
+
+class ServerEvaluator:
+    """Evaluates global models on the test split and records the per-round history."""
+
+    def __init__(self, config: RunConfig, device: torch.device) -> None:
+        self.config = config
+        self.device = device
+        self.data = evaluation_split(config)
+        self.num_classes = dataset_spec(config.dataset).num_classes
+        self.model = build_model(ModelSpec.from_config(config)).to(device)
+        self.history: list[RoundRecord] = []
+        self.seconds = 0.0
+
+    @property
+    def last_round(self) -> int:
+        """Global index of the last evaluated round (0 before any stage ran)."""
+        return self.history[-1].round if self.history else 0
+
+    def evaluate(self, arrays: ArrayRecord) -> tuple[float, tuple[float, ...]]:
+        """Overall and per-class test accuracy of a model."""
+        started = time.perf_counter()
+        self.model.load_state_dict(arrays.to_torch_state_dict())
+        predictions = predict(self.model, self.data.images, self.config.eval_batch_size, self.device)
+        accuracy = float((predictions == self.data.labels).float().mean())
+        classes = tuple(per_class_accuracy(predictions, self.data.labels, self.num_classes))
+        self.seconds += time.perf_counter() - started
+        return accuracy, classes
+
+    def for_stage(self, stage: str) -> Callable[[int, ArrayRecord], MetricRecord]:
+        """An ``evaluate_fn`` for one stage; round 0 is recorded only for the first stage."""
+        offset = self.last_round
+
+        def evaluate_fn(server_round: int, arrays: ArrayRecord) -> MetricRecord:
+            if server_round == 0 and self.history:
+                last = self.history[-1]
+                return accuracy_metrics(last.accuracy, last.class_accuracy)
+            accuracy, classes = self.evaluate(arrays)
+            self.history.append(RoundRecord(offset + server_round, stage, accuracy, classes))
+            log(
+                INFO,
+                "[%s] round %s: test accuracy %.2f%% (lowest class %.2f%%)",
+                stage,
+                server_round,
+                100 * accuracy,
+                100 * min(classes),
+            )
+            return accuracy_metrics(accuracy, classes)
+
+        return evaluate_fn

@@ -1,0 +1,24 @@
+"""qd_app ServerApp: validates the run settings and hands the run to :mod:`qd_app.experiment`."""
+
+from logging import ERROR
+
+from flwr.app import Context
+from flwr.common import log
+from flwr.serverapp import Grid, ServerApp
+
+from .config import RunConfig
+from .errors import UserFacingError
+from .experiment import run_training
+
+app = ServerApp()
+
+
+@app.main()
+def main(grid: Grid, context: Context) -> None:
+    """Run the experiment the run config describes."""
+    try:
+        config = RunConfig.from_run_config(context.run_config)
+        run_training(grid, config)
+    except UserFacingError as exc:
+        log(ERROR, "%s", exc)
+        raise

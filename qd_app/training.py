@@ -1,0 +1,115 @@
+"""Local SGD and evaluation: plain torch functions, no Flower.
+
+Local work is counted in epochs over the data a stage touches (optionally capped
+by a number of steps), so the cost of a stage scales with its data.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from .config import invalid
+from .data import LabeledImages
+
+
+def resolve_device(setting: str) -> torch.device:
+    """The torch device for a ``device`` setting (``auto`` picks CUDA when present)."""
+    if setting == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if setting.startswith("cuda") and not torch.cuda.is_available():
+        raise invalid("device", setting, "CUDA is not available on this machine; use auto or cpu")
+    return torch.device(setting)
+
+
+@dataclass
+class TrainStats:
+    """What a local training run did."""
+
+    steps: int = 0
+    sample_gradients: int = 0
+    loss_sum: float = 0.0
+
+    @property
+    def mean_loss(self) -> float:
+        """Mean training loss over the samples seen (0 when none)."""
+        return self.loss_sum / self.sample_gradients if self.sample_gradients else 0.0
+
+
+def batch_indices(
+    num_samples: int, batch_size: int, epochs: int, max_steps: int, generator: torch.Generator
+) -> Iterator[torch.Tensor]:
+    """Shuffled mini-batch indices for ``epochs`` passes, stopping after ``max_steps`` (0: no cap)."""
+    steps = 0
+    for _ in range(epochs):
+        order = torch.randperm(num_samples, generator=generator)
+        for start in range(0, num_samples, batch_size):
+            if max_steps and steps >= max_steps:
+                return
+            steps += 1
+            yield order[start : start + batch_size]
+
+
+def make_optimizer(
+    model: nn.Module, lr: float, momentum: float = 0.0, weight_decay: float = 0.0
+) -> torch.optim.SGD:
+    """The SGD optimiser every stage uses."""
+    return torch.optim.SGD(model.parameters(), lr=lr, momentum=momentum, weight_decay=weight_decay)
+
+
+def train_epochs(  # pylint: disable=too-many-arguments
+    model: nn.Module,
+    data: LabeledImages,
+    *,
+    optimizer: torch.optim.Optimizer,
+    epochs: int,
+    batch_size: int,
+    generator: torch.Generator,
+    max_steps: int = 0,
+    device: torch.device = torch.device("cpu"),
+) -> TrainStats:
+    """Minimise cross-entropy on ``data`` with ``optimizer`` for ``epochs`` passes."""
+    stats = TrainStats()
+    if len(data) == 0:
+        return stats
+    model.train()
+    for batch in batch_indices(len(data), batch_size, epochs, max_steps, generator):
+        images, labels = data.images[batch].to(device), data.labels[batch].to(device)
+        optimizer.zero_grad(set_to_none=True)
+        loss = nn.functional.cross_entropy(model(images), labels)
+        loss.backward()
+        optimizer.step()
+        stats.steps += 1
+        stats.sample_gradients += len(batch)
+        stats.loss_sum += float(loss.detach()) * len(batch)
+    return stats
+
+
+@torch.no_grad()
+def predict(
+    model: nn.Module, images: torch.Tensor, batch_size: int, device: torch.device = torch.device("cpu")
+) -> torch.Tensor:
+    """Predicted class of every image (on CPU)."""
+    model.eval()
+    outputs = [
+        model(images[start : start + batch_size].to(device)).argmax(dim=1).cpu()
+        for start in range(0, len(images), batch_size)
+    ]
+    return torch.cat(outputs) if outputs else torch.empty(0, dtype=torch.long)
+
+
+def per_class_accuracy(predictions: torch.Tensor, labels: torch.Tensor, num_classes: int) -> list[float]:
+    """Accuracy on each class; NaN for a class with no samples."""
+    correct = torch.bincount(labels[predictions == labels], minlength=num_classes).double()
+    totals = torch.bincount(labels, minlength=num_classes).double()
+    return (correct / totals).tolist()
+
+
+def seeded_generator(*parts: int) -> torch.Generator:
+    """A CPU generator seeded from several integers (seed, round, partition, ...)."""
+    generator = torch.Generator()
+    generator.manual_seed(hash(tuple(parts)) & 0x7FFF_FFFF_FFFF_FFFF)
+    return generator
