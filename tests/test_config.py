@@ -91,3 +91,10 @@ def test_bad_node_config_is_refused(node_config, expected):
 def test_node_data_dir_replaces_the_run_setting(tmp_path):
     node = NodeSettings.from_node_config({"partition-id": 1, "num-partitions": 2, "data-dir": str(tmp_path)})
     assert node.apply(RunConfig()).data_path == tmp_path
+
+
+@pytest.mark.parametrize("preset", sorted((PYPROJECT.parent / "presets").glob("*.toml")), ids=lambda p: p.name)
+def test_presets_are_valid_overrides(preset):
+    overrides = tomllib.loads(preset.read_text())
+    assert set(overrides) <= set(pyproject_config())
+    RunConfig.from_run_config({**pyproject_config(), **overrides})
