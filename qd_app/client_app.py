@@ -43,13 +43,45 @@ def query(msg: Message, context: Context) -> Message:
     return Message(RecordDict({"inventory": client_tasks.inventory(client)}), reply_to=msg)
 
 
+def _train_reply(task: client_tasks.TrainTask, msg: Message, context: Context) -> Message:
+    client = ClientRun.from_context(context)
+    arrays, metrics = task(client, msg.content["arrays"], msg.content["config"])
+    return Message(RecordDict({"arrays": arrays, "metrics": metrics}), reply_to=msg)
+
+
 @app.train()
 @replies_errors
 def train(msg: Message, context: Context) -> Message:
     """Local SGD on the client's data from the received model (FedAvg)."""
-    client = ClientRun.from_context(context)
-    arrays, metrics = client_tasks.local_train(client, msg.content["arrays"], msg.content["config"])
-    return Message(RecordDict({"arrays": arrays, "metrics": metrics}), reply_to=msg)
+    return _train_reply(client_tasks.local_train, msg, context)
+
+
+@app.train("distill")
+@replies_errors
+def train_distill(msg: Message, context: Context) -> Message:
+    """Local SGD that also distils the client's data into its synthetic store (QuickDrop)."""
+    return _train_reply(client_tasks.distill_train, msg, context)
+
+
+@app.train("unlearn")
+@replies_errors
+def train_unlearn(msg: Message, context: Context) -> Message:
+    """Gradient ascent on the synthetic forget data."""
+    return _train_reply(client_tasks.unlearn, msg, context)
+
+
+@app.train("recover")
+@replies_errors
+def train_recover(msg: Message, context: Context) -> Message:
+    """SGD on the synthetic retain data and augmentation samples."""
+    return _train_reply(client_tasks.train_on_store, msg, context)
+
+
+@app.train("relearn")
+@replies_errors
+def train_relearn(msg: Message, context: Context) -> Message:
+    """SGD on the synthetic data with the relearned classes or client back in."""
+    return _train_reply(client_tasks.train_on_store, msg, context)
 
 
 @app.evaluate()

@@ -1,29 +1,40 @@
 """What a client does for each message: the bridge from Flower records to torch code.
 
 Each function takes the client's :class:`ClientRun` and record contents and returns
-records; the math lives in :mod:`qd_app.training`. Replies carry only model
-parameters and metrics, never data.
+records; the math lives in :mod:`qd_app.training`, :mod:`qd_app.distillation` and
+:mod:`qd_app.unlearning`. A stage's hyperparameters (lr, epochs, ...) arrive in the
+message's ConfigRecord, set by the server's strategy. Replies carry only model
+parameters and metrics: the data and the synthetic store stay on the client.
 """
 
 from __future__ import annotations
 
 import functools
+from collections.abc import Callable
 from dataclasses import dataclass
+from logging import WARNING
+from pathlib import Path
+from typing import Any
 
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, MetricRecord
+from flwr.common import log
 from torch import nn
 
 from .config import NodeSettings, RunConfig
 from .data import LabeledImages, client_train_data, dataset_spec
+from .distillation import SyntheticSet, finetune_synthetic, initial_synthetic_set, train_with_distillation
+from .errors import StoreError
 from .models import ModelSpec, build_model
+from .store import check_identity, load_store, read_header, save_store, store_path
 from .strategies import NUM_EXAMPLES, SAMPLE_GRADIENTS
-from .training import make_optimizer, predict, resolve_device, seeded_generator, train_epochs
+from .training import TrainStats, make_optimizer, predict, resolve_device, seeded_generator, train_epochs
+from .unlearning import forget_data, gradient_ascent, retain_data
 
 
 @dataclass(frozen=True)
 class ClientRun:
-    """A client's view of the run: settings, its partition and its device."""
+    """A client's view of the run: settings, its partition, its device and its store."""
 
     config: RunConfig
     node: NodeSettings
@@ -46,47 +57,171 @@ class ClientRun:
         """Number of classes of the dataset."""
         return dataset_spec(self.config.dataset).num_classes
 
+    @property
+    def model_spec(self) -> ModelSpec:
+        """The architecture of the run's model."""
+        return ModelSpec.from_config(self.config)
+
     def model(self, arrays: ArrayRecord) -> nn.Module:
         """The configured model holding the parameters in ``arrays``, on the device."""
-        model = build_model(ModelSpec.from_config(self.config))
+        model = build_model(self.model_spec)
         model.load_state_dict(arrays.to_torch_state_dict())
         return model.to(self.device)
 
+    @property
+    def store_file(self) -> Path:
+        """This client's synthetic store for the run's experiment."""
+        return store_path(self.config.store_path, self.config.experiment, self.node.partition_id)
 
-def inventory(client: ClientRun) -> MetricRecord:
-    """Partition id, number of partitions and class counts of this client."""
-    return MetricRecord(
+    def store_identity(self) -> dict[str, Any]:
+        """What a store must have been made from to serve this run."""
+        settings = self.config
+        return {
+            "dataset": settings.dataset,
+            "model": self.model_spec.as_dict(),
+            "experiment": settings.experiment,
+            "partition-id": self.node.partition_id,
+            "num-partitions": self.node.num_partitions,
+            "partitioning": settings.partitioning,
+            "alpha": settings.alpha,
+            "seed": settings.seed,
+            "scale": settings.scale,
+        }
+
+    def load_store(self) -> tuple[SyntheticSet, dict[str, Any]]:
+        """The client's store, refused if it was made for another setup."""
+        synthetic_set, metadata = load_store(self.store_file)
+        check_identity(self.store_file, metadata, self.store_identity())
+        return synthetic_set, metadata
+
+    def save_store(self, synthetic_set: SyntheticSet, metadata: dict[str, Any]) -> int:
+        """Write the store atomically; returns its size in bytes."""
+        metadata = {
+            **metadata,
+            **self.store_identity(),
+            "class-counts": self.train_data.class_counts(self.num_classes),
+            "synthetic-counts": synthetic_set.class_counts(self.num_classes),
+        }
+        return save_store(self.store_file, synthetic_set, metadata)
+
+    def generator(self, config: ConfigRecord, stage: int) -> torch.Generator:
+        """Randomness of one client in one round of one stage, reproducible from ``seed``."""
+        return seeded_generator(self.config.seed, stage, int(config["server-round"]), self.node.partition_id)
+
+
+TrainTask = Callable[[ClientRun, ArrayRecord, ConfigRecord], tuple[ArrayRecord, MetricRecord]]
+
+
+def inventory(client: ClientRun) -> ConfigRecord:
+    """Partition, class counts and the state of this client's synthetic store."""
+    status, synthetic_counts, store_bytes = "ok", [0] * client.num_classes, 0
+    try:
+        header = read_header(client.store_file) if client.store_file.is_file() else None
+        if header is None:
+            status = "missing"
+        else:
+            check_identity(client.store_file, header["metadata"], client.store_identity())
+            synthetic_counts = list(header["metadata"]["synthetic-counts"])
+            store_bytes = client.store_file.stat().st_size
+    except StoreError as exc:
+        status = str(exc)
+    return ConfigRecord(
         {
             "partition-id": client.node.partition_id,
             "num-partitions": client.node.num_partitions,
             "class-counts": client.train_data.class_counts(client.num_classes),
+            "store-status": status,
+            "synthetic-counts": synthetic_counts,
+            "store-bytes": store_bytes,
         }
     )
+
+
+def _optimizer(model: nn.Module, config: ConfigRecord) -> torch.optim.Optimizer:
+    return make_optimizer(model, float(config["lr"]), float(config["momentum"]), float(config["weight-decay"]))
+
+
+def _reply(model: nn.Module, num_examples: int, stats: TrainStats, **extra: float) -> tuple[ArrayRecord, MetricRecord]:
+    metrics = MetricRecord(
+        {NUM_EXAMPLES: num_examples, SAMPLE_GRADIENTS: stats.sample_gradients, "train-loss": stats.mean_loss, **extra}
+    )
+    return ArrayRecord(model.state_dict()), metrics
 
 
 def local_train(client: ClientRun, arrays: ArrayRecord, config: ConfigRecord) -> tuple[ArrayRecord, MetricRecord]:
-    """FedAvg local update: ``local-epochs`` epochs of SGD on the client's data."""
-    settings = client.config
+    """FedAvg local update: ``epochs`` epochs of SGD on the client's data."""
     model = client.model(arrays)
-    server_round = int(config["server-round"])
     stats = train_epochs(
-        model,
-        client.train_data,
-        optimizer=make_optimizer(model, settings.lr, settings.momentum, settings.weight_decay),
-        epochs=settings.local_epochs,
-        max_steps=settings.local_steps,
-        batch_size=settings.batch_size,
-        generator=seeded_generator(settings.seed, server_round, client.node.partition_id),
-        device=client.device,
+        model, client.train_data, optimizer=_optimizer(model, config), epochs=int(config["epochs"]),
+        max_steps=int(config["max-steps"]), batch_size=int(config["batch-size"]),
+        generator=client.generator(config, 0), device=client.device,
     )
-    metrics = MetricRecord(
-        {
-            NUM_EXAMPLES: len(client.train_data),
-            SAMPLE_GRADIENTS: stats.sample_gradients,
-            "train-loss": stats.mean_loss,
-        }
+    return _reply(model, len(client.train_data), stats)
+
+
+def distill_train(client: ClientRun, arrays: ArrayRecord, config: ConfigRecord) -> tuple[ArrayRecord, MetricRecord]:
+    """QuickDrop training round: local SGD that also distils the data into the store.
+
+    The store is created in the first round (from random real images) and carried
+    across rounds; in the last round it is optionally fine-tuned.
+    """
+    server_round = int(config["server-round"])
+    metadata: dict[str, Any] = {"rounds-distilled": 0, "finetune-steps": 0}
+    if server_round == 1:
+        synthetic_set = initial_synthetic_set(client.train_data, client.config.scale, client.generator(config, 1))
+    else:
+        try:
+            synthetic_set, metadata = client.load_store()
+        except StoreError as exc:
+            log(WARNING, "Partition %s starts a new synthetic set: %s", client.node.partition_id, exc)
+            synthetic_set = initial_synthetic_set(client.train_data, client.config.scale, client.generator(config, 1))
+    model = client.model(arrays)
+    stats = train_with_distillation(
+        model, client.train_data, synthetic_set, optimizer=_optimizer(model, config),
+        image_lr=float(config["distill-lr"]), image_momentum=float(config["distill-momentum"]),
+        image_batch=int(config["distill-batch"]), epochs=int(config["epochs"]),
+        max_steps=int(config["max-steps"]), batch_size=int(config["batch-size"]),
+        generator=client.generator(config, 2), device=client.device,
     )
-    return ArrayRecord(model.state_dict()), metrics
+    metadata["rounds-distilled"] += 1
+    finetune_steps = int(config["finetune-steps"]) if server_round == int(config["num-rounds"]) else 0
+    if finetune_steps:
+        stats.sample_gradients += finetune_synthetic(
+            synthetic_set, client.train_data, client.model_spec, steps=finetune_steps,
+            image_lr=float(config["distill-lr"]), image_momentum=float(config["distill-momentum"]),
+            batch_size=int(config["batch-size"]), generator=client.generator(config, 3), device=client.device,
+        )
+        metadata["finetune-steps"] += finetune_steps
+    store_bytes = client.save_store(synthetic_set, metadata)
+    return _reply(
+        model, len(client.train_data), stats, **{"store-bytes": store_bytes, "match-distance": stats.mean_distance}
+    )
+
+
+def unlearn(client: ClientRun, arrays: ArrayRecord, config: ConfigRecord) -> tuple[ArrayRecord, MetricRecord]:
+    """Gradient ascent on the synthetic forget data (the forget classes, or everything)."""
+    synthetic_set, _ = client.load_store()
+    classes = None if bool(config["forget-everything"]) else list(config["forget-classes"])
+    data = forget_data(synthetic_set, classes)
+    model = client.model(arrays)
+    stats = gradient_ascent(
+        model, data, optimizer=_optimizer(model, config), epochs=int(config["epochs"]),
+        batch_size=int(config["batch-size"]), generator=client.generator(config, 4), device=client.device,
+        stop_when_forgotten=classes is not None,
+    )
+    return _reply(model, len(data), stats)
+
+
+def train_on_store(client: ClientRun, arrays: ArrayRecord, config: ConfigRecord) -> tuple[ArrayRecord, MetricRecord]:
+    """Recovery or relearning: SGD on the synthetic + augmentation data of the classes not excluded."""
+    synthetic_set, _ = client.load_store()
+    data = retain_data(synthetic_set, list(config["exclude-classes"]))
+    model = client.model(arrays)
+    stats = train_epochs(
+        model, data, optimizer=_optimizer(model, config), epochs=int(config["epochs"]),
+        batch_size=int(config["batch-size"]), generator=client.generator(config, 5), device=client.device,
+    )
+    return _reply(model, len(data), stats)
 
 
 def local_evaluate(client: ClientRun, arrays: ArrayRecord) -> MetricRecord:
@@ -98,10 +233,7 @@ def local_evaluate(client: ClientRun, arrays: ArrayRecord) -> MetricRecord:
     return MetricRecord(
         {
             NUM_EXAMPLES: len(data),
+            "correct": correct,
             "accuracy": correct / len(data) if len(data) else 0.0,
-            "correct-per-class": torch.bincount(
-                data.labels[predictions == data.labels], minlength=client.num_classes
-            ).tolist(),
-            "class-counts": data.class_counts(client.num_classes),
         }
     )

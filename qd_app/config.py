@@ -17,9 +17,12 @@ from pathlib import Path
 from typing import Any
 
 from .errors import ConfigError
+from .unlearning_requests import UnlearningRequest, parse_requests
 
-DATASET_NAMES = ("mnist", "fashion-mnist", "cifar10", "svhn")
+DATASET_CLASSES = {"mnist": 10, "fashion-mnist": 10, "cifar10": 10, "svhn": 10}
+DATASET_NAMES = tuple(DATASET_CLASSES)
 PARTITIONINGS = ("dirichlet", "iid")
+PHASES = ("all", "train", "unlearn", "relearn")
 MODEL_NAMES = ("convnet",)
 MODEL_NORMS = ("instance", "batch", "none")
 MODEL_POOLINGS = ("avg", "max", "none")
@@ -63,7 +66,7 @@ class RunConfig:  # pylint: disable=too-many-instance-attributes
     partitioning: str = "dirichlet"
     alpha: float = 0.1
     seed: int = 0
-    num_server_rounds: int = 8
+    num_server_rounds: int = 10
     fraction_train: float = 1.0
     local_epochs: int = 1
     local_steps: int = 0
@@ -78,6 +81,25 @@ class RunConfig:  # pylint: disable=too-many-instance-attributes
     model_pooling: str = "avg"
     device: str = "auto"
     eval_batch_size: int = 500
+    phase: str = "all"
+    forget_class: str = "9"
+    forget_client: str = ""
+    store_dir: str = ""
+    scale: int = 100
+    distill_lr: float = 0.1
+    distill_momentum: float = 0.5
+    distill_batch: int = 4
+    finetune_steps: int = 0
+    unlearn_rounds: int = 1
+    unlearn_lr: float = 0.02
+    unlearn_epochs: int = 30
+    unlearn_client_epochs: int = 1
+    recover_rounds: int = 2
+    recover_lr: float = 0.01
+    recover_epochs: int = 4
+    relearn_rounds: int = 2
+    relearn_lr: float = 0.01
+    relearn_epochs: int = 2
 
     def __post_init__(self) -> None:
         for field in fields(self):
@@ -89,6 +111,7 @@ class RunConfig:  # pylint: disable=too-many-instance-attributes
         choices = {
             "dataset": DATASET_NAMES,
             "partitioning": PARTITIONINGS,
+            "phase": PHASES,
             "model": MODEL_NAMES,
             "model-norm": MODEL_NORMS,
             "model-pooling": MODEL_POOLINGS,
@@ -105,19 +128,28 @@ class RunConfig:  # pylint: disable=too-many-instance-attributes
             raise invalid("alpha", self.alpha, "must be > 0 (smaller is more non-IID)")
         if not 0.0 < self.fraction_train <= 1.0:
             raise invalid("fraction-train", self.fraction_train, "must be in (0, 1]")
-        positive = ("num-server-rounds", "local-epochs", "batch-size", "model-depth", "model-width")
-        for key in positive + ("eval-batch-size",):
+        positive = (
+            "num-server-rounds", "local-epochs", "batch-size", "model-depth", "model-width", "eval-batch-size",
+            "scale", "distill-batch", "unlearn-rounds", "unlearn-epochs", "unlearn-client-epochs", "recover-epochs",
+            "relearn-epochs",
+        )
+        for key in positive:
             if getattr(self, _field_name(key)) < 1:
                 raise invalid(key, getattr(self, _field_name(key)), "must be >= 1")
-        for key in ("local-steps", "seed", "momentum", "weight-decay"):
+        non_negative = (
+            "local-steps", "seed", "momentum", "weight-decay", "distill-momentum", "finetune-steps",
+            "recover-rounds", "relearn-rounds",
+        )
+        for key in non_negative:
             if getattr(self, _field_name(key)) < 0:
                 raise invalid(key, getattr(self, _field_name(key)), "must be >= 0")
-        if not self.lr > 0:
-            raise invalid("lr", self.lr, "must be > 0")
+        for key in ("lr", "distill-lr", "unlearn-lr", "recover-lr", "relearn-lr"):
+            if not getattr(self, _field_name(key)) > 0:
+                raise invalid(key, getattr(self, _field_name(key)), "must be > 0")
         if not _DEVICE_PATTERN.match(self.device):
             raise invalid("device", self.device, "must be auto, cpu, cuda or cuda:<index>")
-        self.output_path  # pylint: disable=pointless-statement
-        self.data_path  # pylint: disable=pointless-statement
+        self.resolved_run_config()  # resolving the directories validates them
+        self.requests()  # parsing the request settings validates them
 
     @classmethod
     def from_run_config(cls, run_config: Mapping[str, Any]) -> RunConfig:
@@ -143,7 +175,23 @@ class RunConfig:  # pylint: disable=too-many-instance-attributes
             **self.to_run_config(),
             "output-dir": str(self.output_path.parent),
             "data-dir": str(self.data_path),
+            "store-dir": str(self.store_path),
         }
+
+    def requests(self) -> list[UnlearningRequest]:
+        """The unlearning requests of ``forget-class`` / ``forget-client``, in order.
+
+        Client ids are checked against the federation's size once it is known.
+        """
+        if self.forget_class and self.forget_client:
+            raise ConfigError(
+                f"forget-class={self.forget_class!r} and forget-client={self.forget_client!r} are both set: "
+                "a run serves one kind of request (set forget-class='' for client-level unlearning)"
+            )
+        if self.forget_client:
+            return parse_requests("forget-client", self.forget_client, "client")
+        num_classes = DATASET_CLASSES[self.dataset]
+        return parse_requests("forget-class", self.forget_class, "class", limit=num_classes, seed=self.seed)
 
     def replace(self, **changes: Any) -> RunConfig:
         """A copy with some fields changed (validated again)."""
@@ -159,19 +207,25 @@ class RunConfig:  # pylint: disable=too-many-instance-attributes
         """Absolute folder holding the datasets."""
         return resolve_dir("data-dir", self.data_dir, "data")
 
+    @property
+    def store_path(self) -> Path:
+        """Absolute folder holding the clients' synthetic stores."""
+        return resolve_dir("store-dir", self.store_dir, "stores")
+
 
 @dataclass(frozen=True)
 class NodeSettings:
     """What a ClientApp learns from its SuperNode's ``node_config``.
 
     ``partition-id`` and ``num-partitions`` pick the client's share of the data; in a
-    deployment a SuperNode may also set ``data-dir`` (its own disk), which replaces
-    the run config's value on that node.
+    deployment a SuperNode may also set ``data-dir`` and ``store-dir`` (its own disk),
+    which replace the run config's values on that node.
     """
 
     partition_id: int
     num_partitions: int
     data_dir: str | None = None
+    store_dir: str | None = None
 
     @classmethod
     def from_node_config(cls, node_config: Mapping[str, Any]) -> NodeSettings:
@@ -188,14 +242,17 @@ class NodeSettings:
             raise invalid("num-partitions", num_partitions, "must be >= 1")
         if not 0 <= partition_id < num_partitions:
             raise invalid("partition-id", partition_id, f"must be in [0, {num_partitions - 1}]")
-        data_dir = node_config.get("data-dir")
-        if data_dir is not None:
-            resolve_dir("data-dir", str(data_dir), "data")
-        return cls(partition_id, num_partitions, None if data_dir is None else str(data_dir))
+        paths = {}
+        for key in ("data-dir", "store-dir"):
+            if key in node_config:
+                paths[_field_name(key)] = str(node_config[key])
+                resolve_dir(key, paths[_field_name(key)], key)
+        return cls(partition_id, num_partitions, **paths)
 
     def apply(self, config: RunConfig) -> RunConfig:
         """The run config as this node sees it (node-level paths replace run-level ones)."""
-        return config if self.data_dir is None else config.replace(data_dir=self.data_dir)
+        paths = {"data_dir": self.data_dir, "store_dir": self.store_dir}
+        return config.replace(**{name: value for name, value in paths.items() if value is not None})
 
 
 def _key(field_name: str) -> str:

@@ -19,3 +19,11 @@ class FederationError(UserFacingError, RuntimeError):
 
 class StageFailedError(UserFacingError, RuntimeError):
     """No client could do the work of a round; the message carries their reasons."""
+
+
+class StoreError(UserFacingError, RuntimeError):
+    """A client's synthetic store is missing, corrupt, or belongs to another setup."""
+
+
+class RequestError(UserFacingError, ValueError):
+    """An unlearning or relearning request cannot be served as asked."""

@@ -41,6 +41,50 @@ class RoundRecord:
             "class-accuracy": list(self.class_accuracy),
         }
 
+    @classmethod
+    def from_dict(cls, entry: dict) -> RoundRecord:
+        """Inverse of :meth:`as_dict`."""
+        return cls(entry["round"], entry["stage"], entry["accuracy"], tuple(entry["class-accuracy"]))
+
+
+@dataclass(frozen=True)
+class SplitAccuracy:
+    """F-Set and R-Set accuracy: on the forgotten data and on the data that remains.
+
+    ``None`` where the set is empty (e.g. the R-Set once every class is forgotten).
+    """
+
+    forget: float | None
+    retain: float | None
+
+    def as_dict(self) -> dict[str, float | None]:
+        """JSON form."""
+        return {"forget-accuracy": self.forget, "retain-accuracy": self.retain}
+
+
+def pooled_accuracy(correct: dict[int, float], totals: dict[int, int], keys: set[int]) -> float | None:
+    """Accuracy over the union of some groups (classes or clients), given per-group counts."""
+    total = sum(totals[key] for key in keys)
+    return sum(correct[key] for key in keys) / total if total else None
+
+
+def class_split(
+    class_accuracy: tuple[float, ...], class_sizes: list[int], forget: set[int], forgotten: set[int]
+) -> SplitAccuracy:
+    """Class-level F/R: test accuracy on the ``forget`` classes and on the classes not ``forgotten``."""
+    totals = dict(enumerate(class_sizes))
+    correct = {c: (0.0 if math.isnan(a) else a) * totals[c] for c, a in enumerate(class_accuracy)}
+    remaining = set(totals) - forgotten - forget
+    return SplitAccuracy(pooled_accuracy(correct, totals, forget), pooled_accuracy(correct, totals, remaining))
+
+
+def client_split(
+    correct: dict[int, float], totals: dict[int, int], forget: set[int], forgotten: set[int]
+) -> SplitAccuracy:
+    """Client-level F/R: accuracy on the ``forget`` clients' own data and on the other clients' data."""
+    remaining = set(totals) - forgotten - forget
+    return SplitAccuracy(pooled_accuracy(correct, totals, forget), pooled_accuracy(correct, totals, remaining))
+
 
 def accuracy_metrics(accuracy: float, class_accuracy: tuple[float, ...]) -> MetricRecord:
     """The MetricRecord form of an evaluation (NaN classes, absent from the data, as -1)."""
@@ -60,9 +104,11 @@ class ServerEvaluator:
         self.device = device
         self.data = evaluation_split(config)
         self.num_classes = dataset_spec(config.dataset).num_classes
+        self.class_sizes = self.data.class_counts(self.num_classes)
         self.model = build_model(ModelSpec.from_config(config)).to(device)
         self.history: list[RoundRecord] = []
         self.seconds = 0.0
+        self._last: tuple[ArrayRecord, tuple[float, ...]] | None = None
 
     @property
     def last_round(self) -> int:
@@ -77,10 +123,17 @@ class ServerEvaluator:
         accuracy = float((predictions == self.data.labels).float().mean())
         classes = tuple(per_class_accuracy(predictions, self.data.labels, self.num_classes))
         self.seconds += time.perf_counter() - started
+        self._last = (arrays, classes)
         return accuracy, classes
 
+    def class_accuracy_of(self, arrays: ArrayRecord) -> tuple[float, ...]:
+        """Per-class test accuracy of a model (reusing the last evaluation if it was of this model)."""
+        if self._last is not None and self._last[0] is arrays:
+            return self._last[1]
+        return self.evaluate(arrays)[1]
+
     def for_stage(self, stage: str) -> Callable[[int, ArrayRecord], MetricRecord]:
-        """An ``evaluate_fn`` for one stage; round 0 is recorded only for the first stage."""
+        """An ``evaluate_fn`` for one stage; round 0 is recorded only for the first stage of all."""
         offset = self.last_round
 
         def evaluate_fn(server_round: int, arrays: ArrayRecord) -> MetricRecord:
@@ -95,7 +148,7 @@ class ServerEvaluator:
                 stage,
                 server_round,
                 100 * accuracy,
-                100 * min(classes),
+                100 * min((a for a in classes if not math.isnan(a)), default=math.nan),
             )
             return accuracy_metrics(accuracy, classes)
 

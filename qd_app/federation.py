@@ -10,7 +10,7 @@ so the timed stages that follow do not include the federation's start-up.
 from __future__ import annotations
 
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from logging import INFO
 
@@ -32,6 +32,9 @@ class ClientInfo:
     partition_id: int
     num_partitions: int
     class_counts: tuple[int, ...]
+    store_status: str = "missing"
+    synthetic_counts: tuple[int, ...] = ()
+    store_bytes: int = 0
 
     @property
     def num_examples(self) -> int:
@@ -65,6 +68,10 @@ class Federation:
     def partition_of(self, node_id: int) -> int:
         """The partition a node holds."""
         return self.clients[node_id].partition_id
+
+    def nodes_where(self, keep: Callable[[ClientInfo], bool]) -> list[int]:
+        """Node ids (by partition) of the clients for which ``keep`` holds."""
+        return [node for node in self.node_ids if keep(self.clients[node])]
 
 
 def discover_federation(
@@ -118,13 +125,16 @@ def _query(grid: Grid, node_ids: list[int], config: ConfigRecord) -> list[Client
     for reply in grid.send_and_receive(messages):
         if reply.has_error():
             raise FederationError(f"node {reply.metadata.src_node_id}: {reply.error.reason}")
-        metrics = reply.content["inventory"]
+        answer = reply.content["inventory"]
         infos.append(
             ClientInfo(
                 node_id=reply.metadata.src_node_id,
-                partition_id=int(metrics["partition-id"]),
-                num_partitions=int(metrics["num-partitions"]),
-                class_counts=tuple(int(c) for c in metrics["class-counts"]),
+                partition_id=int(answer["partition-id"]),
+                num_partitions=int(answer["num-partitions"]),
+                class_counts=tuple(int(c) for c in answer["class-counts"]),
+                store_status=str(answer["store-status"]),
+                synthetic_counts=tuple(int(c) for c in answer["synthetic-counts"]),
+                store_bytes=int(answer["store-bytes"]),
             )
         )
     return infos

@@ -16,10 +16,12 @@ from typing import Any
 import torch
 
 from .atomic import atomic_write_bytes, atomic_write_text
-from .evaluation import RoundRecord
+from .errors import RequestError
+from .evaluation import RoundRecord, SplitAccuracy
 
 RESULTS_FILE = "results.json"
 CHECKPOINT_FILE = "model.pt"
+TRAINED_CHECKPOINT_FILE = "model-trained.pt"
 PLOT_FILE = "class_accuracy.png"
 CHECKPOINT_FORMAT_VERSION = 1
 
@@ -32,7 +34,9 @@ class StageRecord:  # pylint: disable=too-many-instance-attributes
     local work, aggregation); server-side test evaluation is ``eval-seconds``.
     ``samples`` is the number of samples the stage's clients trained on in one round
     (the paper's "data size"); ``sample-gradients`` counts per-sample gradient
-    computations over all rounds.
+    computations over all rounds. ``forget-accuracy`` / ``retain-accuracy`` (F-Set /
+    R-Set) refer to the request the stage serves (``request``, an index into
+    ``requests``); ``run`` indexes ``runs``.
     """
 
     name: str
@@ -45,11 +49,17 @@ class StageRecord:  # pylint: disable=too-many-instance-attributes
     class_accuracy: tuple[float, ...]
     first_round: int
     last_round: int
+    run: int = 0
+    request: int | None = None
+    split: SplitAccuracy | None = None
 
     def as_dict(self) -> dict[str, Any]:
         """JSON form with the app's kebab-case keys."""
+        split = self.split or SplitAccuracy(None, None)
         return {
             "name": self.name,
+            "run": self.run,
+            "request": self.request,
             "rounds": self.rounds,
             "first-round": self.first_round,
             "last-round": self.last_round,
@@ -58,27 +68,71 @@ class StageRecord:  # pylint: disable=too-many-instance-attributes
             "samples": self.samples,
             "sample-gradients": self.sample_gradients,
             "accuracy": self.accuracy,
+            **split.as_dict(),
             "class-accuracy": list(self.class_accuracy),
         }
+
+    @classmethod
+    def from_dict(cls, entry: dict[str, Any]) -> StageRecord:
+        """Inverse of :meth:`as_dict`."""
+        return cls(
+            name=entry["name"], rounds=entry["rounds"], seconds=entry["seconds"],
+            eval_seconds=entry["eval-seconds"], samples=entry["samples"],
+            sample_gradients=entry["sample-gradients"], accuracy=entry["accuracy"],
+            class_accuracy=tuple(entry["class-accuracy"]), first_round=entry["first-round"],
+            last_round=entry["last-round"], run=entry["run"], request=entry["request"],
+            split=SplitAccuracy(entry["forget-accuracy"], entry["retain-accuracy"]),
+        )
 
 
 @dataclass
 class ExperimentRecord:
-    """Everything results.json holds."""
+    """Everything results.json holds: the experiment's runs, stages, requests and rounds.
+
+    A run that serves requests from a stored checkpoint (``phase`` unlearn or relearn)
+    adds to the record of the run that trained the model; training starts a new one.
+    """
 
     config: dict[str, Any]
+    runs: list[dict[str, Any]] = field(default_factory=list)
     federation: dict[str, Any] = field(default_factory=dict)
+    stores: dict[str, Any] = field(default_factory=dict)
     stages: list[StageRecord] = field(default_factory=list)
+    requests: list[dict[str, Any]] = field(default_factory=list)
     rounds: list[RoundRecord] = field(default_factory=list)
 
     def as_dict(self) -> dict[str, Any]:
         """JSON form."""
         return {
             "config": self.config,
+            "runs": self.runs,
             "federation": self.federation,
+            "stores": self.stores,
             "stages": [stage.as_dict() for stage in self.stages],
+            "requests": self.requests,
             "rounds": [entry.as_dict() for entry in self.rounds],
         }
+
+    @classmethod
+    def load(cls, output_path: Path) -> ExperimentRecord | None:
+        """The record in ``output_path/results.json``, or None if there is none."""
+        path = output_path / RESULTS_FILE
+        if not path.is_file():
+            return None
+        content = json.loads(path.read_text())
+        return cls(
+            config=content["config"],
+            runs=content.get("runs", []),
+            federation=content.get("federation", {}),
+            stores=content.get("stores", {}),
+            stages=[StageRecord.from_dict(stage) for stage in content.get("stages", [])],
+            requests=content.get("requests", []),
+            rounds=[RoundRecord.from_dict(entry) for entry in content.get("rounds", [])],
+        )
+
+    def stage_seconds(self, name: str) -> float:
+        """Seconds of the most recent stage of that name (0 if none)."""
+        return next((stage.seconds for stage in reversed(self.stages) if stage.name == name), 0.0)
 
 
 def write_results(output_path: Path, record: ExperimentRecord) -> Path:
@@ -88,13 +142,33 @@ def write_results(output_path: Path, record: ExperimentRecord) -> Path:
     return path
 
 
-def save_checkpoint(output_path: Path, state_dict: dict[str, torch.Tensor], metadata: dict[str, Any]) -> Path:
-    """Save the global model with the metadata needed to check it fits a later run."""
+def save_checkpoint(
+    output_path: Path, state_dict: dict[str, torch.Tensor], metadata: dict[str, Any], name: str = CHECKPOINT_FILE
+) -> Path:
+    """Save a global model with the metadata needed to check it fits a later run."""
     buffer = io.BytesIO()
     torch.save({"format-version": CHECKPOINT_FORMAT_VERSION, "state-dict": state_dict, **metadata}, buffer)
-    path = output_path / CHECKPOINT_FILE
+    path = output_path / name
     atomic_write_bytes(path, buffer.getvalue())
     return path
+
+
+def load_checkpoint(output_path: Path, name: str = CHECKPOINT_FILE) -> dict[str, Any]:
+    """The checkpoint's contents (``state-dict`` and metadata).
+
+    Raises
+    ------
+    RequestError
+        If there is no checkpoint, or it is of another format version.
+    """
+    path = output_path / name
+    if not path.is_file():
+        raise RequestError(f"no trained model at {path}: run phase=train (or all) for this experiment first")
+    content = torch.load(path, weights_only=True)
+    if content.get("format-version") != CHECKPOINT_FORMAT_VERSION:
+        raise RequestError(f"{path} has checkpoint format {content.get('format-version')}, "
+                           f"this app reads {CHECKPOINT_FORMAT_VERSION}")
+    return content
 
 
 def plot_class_accuracy(output_path: Path, rounds: list[RoundRecord], class_names: list[str]) -> Path:

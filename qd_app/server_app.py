@@ -8,7 +8,7 @@ from flwr.serverapp import Grid, ServerApp
 
 from .config import RunConfig
 from .errors import UserFacingError
-from .experiment import run_training
+from .experiment import run_phase
 
 app = ServerApp()
 
@@ -18,7 +18,7 @@ def main(grid: Grid, context: Context) -> None:
     """Run the experiment the run config describes."""
     try:
         config = RunConfig.from_run_config(context.run_config)
-        run_training(grid, config)
+        run_phase(grid, config)
     except UserFacingError as exc:
         log(ERROR, "%s", exc)
         raise

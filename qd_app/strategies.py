@@ -28,17 +28,21 @@ SAMPLE_GRADIENTS = "sample-gradients"
 
 
 class StageStrategy(FedAvg):
-    """FedAvg over the nodes of a :class:`Federation`, accounting for one stage.
+    """FedAvg over chosen nodes of a :class:`Federation`, accounting for one stage.
 
     Parameters
     ----------
     federation : Federation
         The nodes taking part in the experiment and the partitions they hold.
-    stage_config : Mapping[str, int | float | str | bool], optional
-        Settings sent to the clients in every train message of this stage, on top of
-        the ``config`` passed to :meth:`start`.
+    participants : list[int], optional
+        Node ids that take part in every round; default: a ``fraction_train``
+        sample of the whole federation each round.
+    lr, epochs, batch_size, momentum, weight_decay, max_steps
+        Local SGD of the stage, sent to the clients in every message: ``epochs``
+        passes over the data the stage uses, capped at ``max_steps`` steps (0: no cap).
     fraction_train : float (default: 1.0)
-        Fraction of the federation's nodes sampled each round (at least one).
+        Fraction of the federation's nodes sampled each round (at least one), when
+        no ``participants`` are given.
     rng : random.Random, optional
         Source of randomness for node sampling (seeded for reproducible runs).
     **kwargs
@@ -50,17 +54,24 @@ class StageStrategy(FedAvg):
     Replies must carry one ArrayRecord and one MetricRecord holding ``num-examples``
     (the aggregation weight: the size of the data the client used) and
     ``sample-gradients`` (per-sample gradient computations it performed). A round in
-    which every client fails raises :class:`StageFailedError` with their reasons.
+    which every client fails raises :class:`StageFailedError` with their reasons; a
+    round in which no client had data leaves the model unchanged.
     """
 
     stage_name = "train"
     message_type = MessageType.TRAIN
 
-    def __init__(
+    def __init__(  # pylint: disable=too-many-arguments
         self,
         federation: Federation,
         *,
-        stage_config: Mapping[str, int | float | str | bool] | None = None,
+        participants: list[int] | None = None,
+        lr: float = 0.01,
+        epochs: int = 1,
+        batch_size: int = 64,
+        momentum: float = 0.0,
+        weight_decay: float = 0.0,
+        max_steps: int = 0,
         fraction_train: float = 1.0,
         rng: random.Random | None = None,
         **kwargs,
@@ -70,15 +81,26 @@ class StageStrategy(FedAvg):
         kwargs.setdefault("min_train_nodes", 1)
         super().__init__(fraction_train=fraction_train, **kwargs)
         self.federation = federation
-        self.stage_config = dict(stage_config or {})
+        self.participants = participants
+        self.stage_config: dict[str, int | float | str | bool | list[int]] = {
+            "lr": lr,
+            "epochs": epochs,
+            "batch-size": batch_size,
+            "momentum": momentum,
+            "weight-decay": weight_decay,
+            "max-steps": max_steps,
+        }
         self.rng = rng or random.Random(0)
         self.seconds = 0.0
         self.samples = 0
         self.sample_gradients = 0
+        self.last_metrics: dict[int, MetricRecord] = {}
         self._round_started = 0.0
 
     def select_nodes(self, server_round: int, grid: Grid) -> list[int]:  # pylint: disable=unused-argument
-        """Nodes that take part in this round (default: a ``fraction_train`` sample)."""
+        """Nodes that take part in this round: the participants, or a ``fraction_train`` sample."""
+        if self.participants is not None:
+            return list(self.participants)
         node_ids = self.federation.node_ids
         count = max(1, int(len(node_ids) * self.fraction_train))
         return sorted(self.rng.sample(node_ids, count))
@@ -103,7 +125,8 @@ class StageStrategy(FedAvg):
         if not valid:
             self.seconds += time.perf_counter() - self._round_started
             raise StageFailedError(_failure_summary(self.stage_name, server_round, replies))
-        metrics = [next(iter(reply.content.metric_records.values())) for reply in valid]
+        self.last_metrics = {reply.metadata.src_node_id: _metrics(reply) for reply in valid}
+        metrics = list(self.last_metrics.values())
         round_samples = sum(int(m[NUM_EXAMPLES]) for m in metrics)
         self.samples = max(self.samples, round_samples)
         self.sample_gradients += sum(int(m.get(SAMPLE_GRADIENTS, 0)) for m in metrics)
@@ -111,16 +134,115 @@ class StageStrategy(FedAvg):
             log(WARNING, "%s round %s: no client had data; model unchanged", self.stage_name, server_round)
             self.seconds += time.perf_counter() - self._round_started
             return None, None
-        aggregated = super().aggregate_train(server_round, replies)
+        aggregated = super().aggregate_train(server_round, [r for r in valid if int(_metrics(r)[NUM_EXAMPLES])])
         self.seconds += time.perf_counter() - self._round_started
         return aggregated
 
 
 class TrainingStrategy(StageStrategy):
-    """Federated training of the model by local SGD on every client's data (FedAvg)."""
+    """Federated training by local SGD on every client's data (FedAvg)."""
 
     stage_name = "train"
     message_type = MessageType.TRAIN
+
+
+class QuickDropTraining(StageStrategy):
+    """Federated training that distils every client's data into its synthetic store (QuickDrop, Alg. 2).
+
+    The model trajectory is FedAvg's (the model steps on real gradients); each client
+    additionally updates its per-class synthetic images by gradient matching at every
+    local step, creates its store in round 1 and keeps it on its own disk.
+
+    Parameters
+    ----------
+    distill_lr, distill_momentum : float
+        SGD on the synthetic images (paper: 0.1 and 0.5, one step per model step).
+    distill_batch : int
+        Synthetic images per class matched at each step.
+    finetune_steps : int
+        DC fine-tuning steps of the synthetic set after the last round (0: none).
+    num_rounds : int
+        Rounds of the stage (the clients fine-tune in the last one).
+    **kwargs
+        As for :class:`StageStrategy`.
+    """
+
+    stage_name = "train"
+    message_type = f"{MessageType.TRAIN}.distill"
+
+    def __init__(  # pylint: disable=too-many-arguments
+        self,
+        federation: Federation,
+        *,
+        num_rounds: int,
+        distill_lr: float = 0.1,
+        distill_momentum: float = 0.5,
+        distill_batch: int = 4,
+        finetune_steps: int = 0,
+        **kwargs,
+    ) -> None:
+        super().__init__(federation, **kwargs)
+        self.stage_config.update(
+            {
+                "num-rounds": num_rounds,
+                "distill-lr": distill_lr,
+                "distill-momentum": distill_momentum,
+                "distill-batch": distill_batch,
+                "finetune-steps": finetune_steps,
+            }
+        )
+
+
+class UnlearnStrategy(StageStrategy):
+    """Unlearning: the participants run gradient ascent on their synthetic forget data.
+
+    Parameters
+    ----------
+    forget_classes : list[int], optional
+        Class-level unlearning: the classes to forget (participants: the clients
+        holding them). ``None``: client-level, the participant forgets its whole set.
+    **kwargs
+        As for :class:`StageStrategy` (``participants`` is required).
+    """
+
+    stage_name = "unlearn"
+    message_type = f"{MessageType.TRAIN}.unlearn"
+
+    def __init__(self, federation: Federation, *, forget_classes: list[int] | None = None, **kwargs) -> None:
+        super().__init__(federation, **kwargs)
+        self.stage_config.update(
+            {"forget-classes": list(forget_classes or []), "forget-everything": forget_classes is None}
+        )
+
+
+class RecoverStrategy(StageStrategy):
+    """Recovery: SGD on the synthetic retain data plus the real augmentation samples.
+
+    Parameters
+    ----------
+    exclude_classes : list[int]
+        Classes forgotten so far (left out of every client's recovery data).
+    **kwargs
+        As for :class:`StageStrategy` (``participants``: the clients not forgotten).
+    """
+
+    stage_name = "recover"
+    message_type = f"{MessageType.TRAIN}.recover"
+
+    def __init__(self, federation: Federation, *, exclude_classes: list[int], **kwargs) -> None:
+        super().__init__(federation, **kwargs)
+        self.stage_config["exclude-classes"] = list(exclude_classes)
+
+
+class RelearnStrategy(RecoverStrategy):
+    """Relearning: SGD on the synthetic data with the relearned classes or client back in."""
+
+    stage_name = "relearn"
+    message_type = f"{MessageType.TRAIN}.relearn"
+
+
+def _metrics(reply: Message) -> MetricRecord:
+    return next(iter(reply.content.metric_records.values()))
 
 
 def _failure_summary(stage: str, server_round: int, replies: list[Message]) -> str:

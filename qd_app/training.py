@@ -6,7 +6,7 @@ by a number of steps), so the cost of a stage scales with its data.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import torch
@@ -70,8 +70,15 @@ def train_epochs(  # pylint: disable=too-many-arguments
     generator: torch.Generator,
     max_steps: int = 0,
     device: torch.device = torch.device("cpu"),
+    ascent: bool = False,
+    stop_when: Callable[[], bool] | None = None,
 ) -> TrainStats:
-    """Minimise cross-entropy on ``data`` with ``optimizer`` for ``epochs`` passes."""
+    """Minimise cross-entropy on ``data`` with ``optimizer`` for ``epochs`` passes.
+
+    With ``ascent`` the optimiser follows the gradient upwards instead (maximises the
+    loss): the stochastic gradient ascent of unlearning. ``stop_when`` is checked
+    after every step; training ends early once it returns True.
+    """
     stats = TrainStats()
     if len(data) == 0:
         return stats
@@ -80,11 +87,13 @@ def train_epochs(  # pylint: disable=too-many-arguments
         images, labels = data.images[batch].to(device), data.labels[batch].to(device)
         optimizer.zero_grad(set_to_none=True)
         loss = nn.functional.cross_entropy(model(images), labels)
-        loss.backward()
+        (-loss if ascent else loss).backward()
         optimizer.step()
         stats.steps += 1
         stats.sample_gradients += len(batch)
         stats.loss_sum += float(loss.detach()) * len(batch)
+        if stop_when is not None and stop_when():
+            break
     return stats
 
 

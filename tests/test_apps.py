@@ -15,12 +15,15 @@ from qd_app.config import RunConfig
 from qd_app.errors import ConfigError, FederationError
 from qd_app.models import ModelSpec, build_model
 from qd_app.server_app import app as server_app
+from qd_app.strategies import TrainingStrategy
 
 
 def tiny_run_config(data_dir, output_dir, **overrides) -> dict:
     settings = {
         "data-dir": str(data_dir),
         "output-dir": str(output_dir),
+        "store-dir": str(output_dir / "stores"),
+        "phase": "train",
         "experiment": "tiny",
         "num-server-rounds": 2,
         "batch-size": 16,
@@ -48,8 +51,9 @@ def test_client_handlers_reply_with_inventory_model_and_metrics(tiny_mnist_dir, 
     assert inventory["partition-id"] == 1 and inventory["num-partitions"] == 2
     assert len(inventory["class-counts"]) == 10
 
-    content = RecordDict({"arrays": arrays, "config": ConfigRecord({"server-round": 1})})
-    reply = client_app(Message(content, 5, MessageType.TRAIN), context)
+    strategy = TrainingStrategy(None, lr=0.05, epochs=1, batch_size=16)
+    config = ConfigRecord({**strategy.stage_config, "server-round": 1})
+    reply = client_app(Message(RecordDict({"arrays": arrays, "config": config}), 5, MessageType.TRAIN), context)
     metrics = reply.content["metrics"]
     assert metrics["num-examples"] == sum(inventory["class-counts"]) > 0
     assert metrics["sample-gradients"] == metrics["num-examples"]  # one local epoch
@@ -59,7 +63,9 @@ def test_client_handlers_reply_with_inventory_model_and_metrics(tiny_mnist_dir, 
     assert 0.0 <= evaluation.content["metrics"]["accuracy"] <= 1.0
 
 
-def test_server_app_trains_and_writes_results_checkpoint_and_plot(tiny_mnist_dir, tmp_path):
+def test_server_app_trains_with_distillation_and_writes_results_checkpoint_plot_and_stores(
+    tiny_mnist_dir, tmp_path
+):
     grid = run_server(tiny_run_config(tiny_mnist_dir, tmp_path))
     output = tmp_path / "tiny"
     results = json.loads((output / "results.json").read_text())
@@ -67,14 +73,18 @@ def test_server_app_trains_and_writes_results_checkpoint_and_plot(tiny_mnist_dir
     assert results["federation"]["num-partitions"] == 3
     [stage] = results["stages"]
     assert stage["name"] == "train" and stage["rounds"] == 2
-    assert stage["samples"] == 600 and stage["sample-gradients"] == 2 * 600
+    assert stage["samples"] == 600 and stage["sample-gradients"] > 2 * 600  # real + synthetic gradients
     assert stage["seconds"] > 0 and len(stage["class-accuracy"]) == 10
     assert [entry["round"] for entry in results["rounds"]] == [0, 1, 2]
     assert stage["accuracy"] == results["rounds"][-1]["accuracy"] > 0.5
-    assert (output / "model.pt").stat().st_size > 0
+    assert (output / "model.pt").stat().st_size > 0 and (output / "model-trained.pt").exists()
     assert (output / "class_accuracy.png").read_bytes()[:4] == b"\x89PNG"
-    train_messages = [m for m in grid.sent if m.metadata.message_type == MessageType.TRAIN]
+    train_messages = [m for m in grid.sent if m.metadata.message_type == "train.distill"]
     assert len(train_messages) == 2 * 3
+    stores = sorted((tmp_path / "stores" / "tiny").iterdir())
+    assert [p.name for p in stores] == [f"partition-{i}.qdstore" for i in range(3)]
+    assert results["stores"]["bytes"] == [p.stat().st_size for p in stores]
+    assert sum(results["stores"]["synthetic-images"]) >= 600 / 100
 
 
 def test_bad_run_setting_stops_the_server_with_the_setting_named(tiny_mnist_dir, tmp_path):

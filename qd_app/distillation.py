@@ -1,0 +1,258 @@
+"""Dataset distillation by gradient matching, in situ with local SGD (QuickDrop, Alg. 2).
+
+Each client keeps a per-class synthetic set S^c of ceil(|D^c| / scale) images,
+initialised once from random real images of class c. At every local SGD step the
+real batch is split by class; the per-class gradients g_c of the mean loss on each
+class's samples are computed once and used twice: their sample-weighted sum is the
+model's SGD update (exactly the batch-mean gradient), and each g_c is the target the
+synthetic images of class c are matched to with the layer-wise distance of Zhao et
+al. (DC), one SGD step on the images per model step.
+
+Plain torch; no Flower.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from .data import LabeledImages
+from .models import ModelSpec, build_model
+from .training import TrainStats, batch_indices
+
+MATCH_EPSILON = 1e-6
+
+
+def layer_distance(synthetic: torch.Tensor, real: torch.Tensor) -> torch.Tensor:
+    """DC distance between two gradients of one parameter tensor.
+
+    Rows are output units (a conv weight ``(out, in, h, w)`` becomes ``(out, in*h*w)``,
+    a linear weight stays ``(out, in)``); the distance is the sum over rows of
+    ``1 - cos(row_s, row_r)``. 1-D tensors (biases, norm parameters) contribute 0.
+    """
+    if synthetic.dim() == 1:
+        return synthetic.new_zeros(())
+    a = synthetic.reshape(synthetic.shape[0], -1)
+    b = real.reshape(real.shape[0], -1)
+    cosine = (a * b).sum(dim=1) / (a.norm(dim=1) * b.norm(dim=1) + MATCH_EPSILON)
+    return (1.0 - cosine).sum()
+
+
+def gradient_distance(synthetic: Sequence[torch.Tensor], real: Sequence[torch.Tensor]) -> torch.Tensor:
+    """Sum of :func:`layer_distance` over the parameter tensors of a model."""
+    return torch.stack([layer_distance(s, r) for s, r in zip(synthetic, real, strict=True)]).sum()
+
+
+@dataclass
+class SyntheticSet:
+    """A client's distilled images and the real augmentation samples stored beside them.
+
+    Both are ``LabeledImages`` in the dataset's normalised space. The augmentation
+    samples are real images with the same per-class counts as the synthetic ones
+    (QuickDrop Sec. 3.3.1), used in recovery.
+    """
+
+    synthetic: LabeledImages
+    augmentation: LabeledImages
+
+    def classes(self) -> list[int]:
+        """Classes with at least one synthetic image."""
+        return sorted(set(self.synthetic.labels.tolist()))
+
+    def class_counts(self, num_classes: int) -> list[int]:
+        """Synthetic images per class."""
+        return self.synthetic.class_counts(num_classes)
+
+
+def synthetic_count(class_size: int, scale: int) -> int:
+    """|S^c| = ceil(|D^c| / s): at least one image for every class the client holds."""
+    return math.ceil(class_size / scale)
+
+
+def initial_synthetic_set(data: LabeledImages, scale: int, generator: torch.Generator) -> SyntheticSet:
+    """Pick ceil(|D^c| / scale) random real images per class as the synthetic set, and as
+    many further real images (disjoint where the class is large enough) as augmentation."""
+    synthetic_index, augmentation_index = [], []
+    for cls in sorted(set(data.labels.tolist())):
+        members = torch.nonzero(data.labels == cls).flatten()
+        count = synthetic_count(len(members), scale)
+        order = members[torch.randperm(len(members), generator=generator)]
+        synthetic_index.append(order[:count])
+        rest = order[count:] if len(order) >= 2 * count else order
+        augmentation_index.append(rest[:count])
+    if not synthetic_index:
+        empty = LabeledImages(data.images[:0].clone(), data.labels[:0].clone())
+        return SyntheticSet(empty, empty)
+    synthetic = data.subset(torch.cat(synthetic_index))
+    augmentation = data.subset(torch.cat(augmentation_index))
+    return SyntheticSet(
+        LabeledImages(synthetic.images.clone(), synthetic.labels.clone()),
+        LabeledImages(augmentation.images.clone(), augmentation.labels.clone()),
+    )
+
+
+@dataclass
+class DistillStats(TrainStats):
+    """Local training with distillation: SGD stats plus the matching work done."""
+
+    matching_steps: int = 0
+    distance_sum: float = 0.0
+
+    @property
+    def mean_distance(self) -> float:
+        """Mean gradient distance over the class matchings performed."""
+        return self.distance_sum / self.matching_steps if self.matching_steps else 0.0
+
+
+def train_with_distillation(  # pylint: disable=too-many-arguments,too-many-locals
+    model: nn.Module,
+    data: LabeledImages,
+    synthetic: SyntheticSet,
+    *,
+    optimizer: torch.optim.Optimizer,
+    image_lr: float,
+    image_momentum: float,
+    image_batch: int,
+    epochs: int,
+    batch_size: int,
+    generator: torch.Generator,
+    max_steps: int = 0,
+    device: torch.device = torch.device("cpu"),
+) -> DistillStats:
+    """Local SGD on ``data`` that also distils it into ``synthetic`` (updated in place).
+
+    Every step: per-class gradients of the real batch update the model (their
+    sample-weighted sum) and are the matching targets of that class's synthetic
+    images, which take one SGD step (``image_lr``, ``image_momentum``) on the summed
+    class-wise distance.
+    """
+    stats = DistillStats()
+    if len(data) == 0:
+        return stats
+    params = [p for p in model.parameters() if p.requires_grad]
+    class_images = _class_leaves(synthetic.synthetic, device)
+    image_optimizer = torch.optim.SGD(list(class_images.values()), lr=image_lr, momentum=image_momentum)
+    model.train()
+    for batch in batch_indices(len(data), batch_size, epochs, max_steps, generator):
+        images, labels = data.images[batch].to(device), data.labels[batch].to(device)
+        update = [torch.zeros_like(p) for p in params]
+        distance = torch.zeros((), device=device)
+        matched = []
+        for cls in labels.unique().tolist():
+            members = labels == cls
+            loss = nn.functional.cross_entropy(model(images[members]), labels[members])
+            class_grads = torch.autograd.grad(loss, params)
+            weight = float(members.sum()) / len(batch)
+            for total, grad in zip(update, class_grads):
+                total.add_(grad, alpha=weight)
+            stats.loss_sum += float(loss.detach()) * int(members.sum())
+            if cls in class_images:
+                leaf = class_images[cls]
+                chosen = torch.randperm(len(leaf), generator=generator)[:image_batch].to(device)
+                distance = distance + class_distance(model, params, leaf[chosen], cls, class_grads)
+                matched.append(leaf)
+                stats.sample_gradients += len(chosen)
+        if matched:
+            image_optimizer.zero_grad(set_to_none=True)
+            for leaf, grad in zip(matched, torch.autograd.grad(distance, matched)):
+                leaf.grad = grad
+            image_optimizer.step()
+            stats.matching_steps += len(matched)
+            stats.distance_sum += float(distance.detach())
+        optimizer.zero_grad(set_to_none=True)
+        for param, grad in zip(params, update):
+            param.grad = grad
+        optimizer.step()
+        stats.steps += 1
+        stats.sample_gradients += len(batch)
+    _write_back(synthetic, class_images)
+    return stats
+
+
+def _class_leaves(images: LabeledImages, device: torch.device) -> dict[int, torch.Tensor]:
+    """One optimisable leaf tensor per class (classes not in a batch get no update)."""
+    return {
+        cls: images.images[images.labels == cls].to(device).clone().requires_grad_(True)
+        for cls in sorted(set(images.labels.tolist()))
+    }
+
+
+def class_distance(
+    model: nn.Module,
+    params: list[torch.Tensor],
+    synthetic_images: torch.Tensor,
+    cls: int,
+    real_grads: Sequence[torch.Tensor],
+) -> torch.Tensor:
+    targets = torch.full((len(synthetic_images),), cls, dtype=torch.long, device=synthetic_images.device)
+    loss = nn.functional.cross_entropy(model(synthetic_images), targets)
+    synthetic_grads = torch.autograd.grad(loss, params, create_graph=True)
+    return gradient_distance(synthetic_grads, [g.detach() for g in real_grads])
+
+
+def _write_back(synthetic: SyntheticSet, class_images: dict[int, torch.Tensor]) -> None:
+    images = synthetic.synthetic.images
+    for cls, leaf in class_images.items():
+        images[synthetic.synthetic.labels == cls] = leaf.detach().to(images.device)
+
+
+FINETUNE_INNER_STEPS = 50
+
+
+def finetune_synthetic(  # pylint: disable=too-many-arguments,too-many-locals
+    synthetic_set: SyntheticSet,
+    data: LabeledImages,
+    model_spec: ModelSpec,
+    *,
+    steps: int,
+    image_lr: float,
+    image_momentum: float,
+    batch_size: int,
+    generator: torch.Generator,
+    device: torch.device = torch.device("cpu"),
+    inner_steps: int = FINETUNE_INNER_STEPS,
+) -> int:
+    """Optional fine-tuning of the synthetic set by standard DC (QuickDrop Sec. 3.3.2).
+
+    Each of ``steps`` outer steps draws a freshly initialised network (matching for
+    generalisation across initialisations) and runs ``inner_steps`` (paper: 50) steps: match every
+    class's synthetic gradient to a real batch of that class, update the images, then
+    train the network one SGD step on the synthetic set. Returns the number of
+    per-sample gradients computed.
+    """
+    class_images = _class_leaves(synthetic_set.synthetic, device)
+    if not class_images:
+        return 0
+    image_optimizer = torch.optim.SGD(list(class_images.values()), lr=image_lr, momentum=image_momentum)
+    members = {cls: torch.nonzero(data.labels == cls).flatten() for cls in class_images}
+    sample_gradients = 0
+    for _ in range(steps):
+        model = build_model(model_spec, seed=int(torch.randint(2**31, (1,), generator=generator))).to(device)
+        params = [p for p in model.parameters() if p.requires_grad]
+        model_optimizer = torch.optim.SGD(params, lr=0.01)
+        for _ in range(inner_steps):
+            distance = torch.zeros((), device=device)
+            for cls, leaf in class_images.items():
+                chosen = members[cls][torch.randperm(len(members[cls]), generator=generator)[:batch_size]]
+                targets = torch.full((len(chosen),), cls, dtype=torch.long, device=device)
+                real_loss = nn.functional.cross_entropy(model(data.images[chosen].to(device)), targets)
+                real_grads = torch.autograd.grad(real_loss, params)
+                distance = distance + class_distance(model, params, leaf, cls, real_grads)
+                sample_gradients += len(chosen) + len(leaf)
+            leaves = list(class_images.values())
+            image_optimizer.zero_grad(set_to_none=True)
+            for leaf, grad in zip(leaves, torch.autograd.grad(distance, leaves)):
+                leaf.grad = grad
+            image_optimizer.step()
+            images = torch.cat([leaf.detach() for leaf in leaves])
+            labels = torch.cat([torch.full((len(leaf),), cls, device=device) for cls, leaf in class_images.items()])
+            model_optimizer.zero_grad(set_to_none=True)
+            nn.functional.cross_entropy(model(images), labels).backward()
+            model_optimizer.step()
+            sample_gradients += len(images)
+    _write_back(synthetic_set, class_images)
+    return sample_gradients

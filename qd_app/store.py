@@ -1,0 +1,121 @@
+"""The client-local synthetic store: one file per experiment and partition, on the client's disk.
+
+A store holds the client's synthetic images, the real augmentation samples chosen
+with them, and metadata saying what they were made from (dataset, partitioning,
+model architecture, experiment, class counts). The file is
+
+    MAGIC | header length (8 bytes) | header (JSON) | payload (torch.save of the tensors)
+
+where the header carries the format version, the payload's length and its SHA-256.
+Files are written atomically (temporary file, fsync, rename), and a file whose
+checksum does not match is refused, so a crash never leaves a set that is later
+read as valid. Nothing in a store ever leaves the client.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .atomic import atomic_write_bytes
+from .data import LabeledImages
+from .distillation import SyntheticSet
+from .errors import StoreError
+
+MAGIC = b"QDSTORE\n"
+FORMAT_VERSION = 1
+SUFFIX = ".qdstore"
+# Metadata that must equal the run's for a store to be used.
+IDENTITY_KEYS = ("dataset", "model", "experiment", "partition-id", "num-partitions", "partitioning", "alpha",
+                 "seed", "scale")
+
+
+def store_path(store_dir: Path, experiment: str, partition_id: int) -> Path:
+    """Where the store of one partition of one experiment lives."""
+    return store_dir / experiment / f"partition-{partition_id}{SUFFIX}"
+
+
+def save_store(path: Path, synthetic_set: SyntheticSet, metadata: dict[str, Any]) -> int:
+    """Write a store atomically; returns its size in bytes."""
+    tensors = {
+        "synthetic-images": synthetic_set.synthetic.images.detach().cpu(),
+        "synthetic-labels": synthetic_set.synthetic.labels.cpu(),
+        "augmentation-images": synthetic_set.augmentation.images.detach().cpu(),
+        "augmentation-labels": synthetic_set.augmentation.labels.cpu(),
+    }
+    buffer = io.BytesIO()
+    torch.save(tensors, buffer)
+    payload = buffer.getvalue()
+    header = json.dumps(
+        {
+            "format-version": FORMAT_VERSION,
+            "payload-bytes": len(payload),
+            "sha256": hashlib.sha256(payload).hexdigest(),
+            "metadata": metadata,
+        },
+        sort_keys=True,
+    ).encode()
+    content = MAGIC + len(header).to_bytes(8, "big") + header + payload
+    atomic_write_bytes(path, content)
+    return len(content)
+
+
+def read_header(path: Path) -> dict[str, Any]:
+    """The header of a store (format version, checksum, metadata) without its tensors."""
+    with open(path, "rb") as handle:
+        return _parse_header(path, handle.read(len(MAGIC) + 8), handle)
+
+
+def load_store(path: Path) -> tuple[SyntheticSet, dict[str, Any]]:
+    """Read and verify a store; returns the synthetic set and its metadata.
+
+    Raises
+    ------
+    StoreError
+        If the file is missing, not a store, of another format version, truncated or
+        corrupt (checksum mismatch).
+    """
+    if not path.is_file():
+        raise StoreError(f"no synthetic store at {path}: run the training phase (phase=train or all) first")
+    with open(path, "rb") as handle:
+        header = _parse_header(path, handle.read(len(MAGIC) + 8), handle)
+        payload = handle.read()
+    if len(payload) != header["payload-bytes"] or hashlib.sha256(payload).hexdigest() != header["sha256"]:
+        raise StoreError(f"store {path} is corrupt (checksum mismatch): delete it and train again")
+    tensors = torch.load(io.BytesIO(payload), weights_only=True)
+    synthetic_set = SyntheticSet(
+        LabeledImages(tensors["synthetic-images"], tensors["synthetic-labels"]),
+        LabeledImages(tensors["augmentation-images"], tensors["augmentation-labels"]),
+    )
+    return synthetic_set, header["metadata"]
+
+
+def check_identity(path: Path, stored: dict[str, Any], expected: dict[str, Any]) -> None:
+    """Refuse a store made for another dataset, model, partition or experiment."""
+    differences = [
+        f"{key} {stored.get(key)!r} (this run: {expected[key]!r})"
+        for key in IDENTITY_KEYS
+        if stored.get(key) != expected[key]
+    ]
+    if differences:
+        raise StoreError(f"store {path} was written for another setup: " + "; ".join(differences))
+
+
+def _parse_header(path: Path, prefix: bytes, handle) -> dict[str, Any]:
+    if len(prefix) < len(MAGIC) + 8 or not prefix.startswith(MAGIC):
+        raise StoreError(f"{path} is not a qd_app synthetic store (or is truncated): delete it and train again")
+    header_bytes = handle.read(int.from_bytes(prefix[len(MAGIC):], "big"))
+    try:
+        header = json.loads(header_bytes)
+    except ValueError as exc:
+        raise StoreError(f"store {path} has a corrupt header: delete it and train again") from exc
+    if header.get("format-version") != FORMAT_VERSION:
+        raise StoreError(
+            f"store {path} has format version {header.get('format-version')}, this app reads {FORMAT_VERSION}"
+        )
+    return header

@@ -1,0 +1,78 @@
+"""Unlearning, recovery and relearning on a client's synthetic store (plain torch).
+
+- Unlearning: stochastic gradient *ascent* on the synthetic forget data,
+  theta <- theta + lr * grad L (QuickDrop Sec. 3.4, step 3).
+- Recovery: SGD on the synthetic retain data plus the real augmentation samples
+  stored with it (Sec. 3.3.1), classes still forgotten excluded.
+- Relearning: SGD on the synthetic data with the relearned classes or client back
+  in, together with the retain data, so the other classes keep their accuracy.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import torch
+
+from .data import LabeledImages
+from .distillation import SyntheticSet
+from .training import TrainStats, train_epochs
+
+FORGET_PROBABILITY = 0.001
+
+
+def gradient_ascent(  # pylint: disable=too-many-arguments
+    model: torch.nn.Module,
+    data: LabeledImages,
+    *,
+    optimizer: torch.optim.Optimizer,
+    epochs: int,
+    batch_size: int,
+    generator: torch.Generator,
+    device: torch.device = torch.device("cpu"),
+    stop_when_forgotten: bool = True,
+) -> TrainStats:
+    """SGA: maximise the cross-entropy on ``data`` (each step moves up the gradient).
+
+    Ascent is unbounded, and how much of it a class needs varies a lot; so the client
+    stops as soon as the model misclassifies every sample of its forget data, with
+    ``epochs`` as the upper bound. Stopping there keeps the damage to the other
+    classes, which recovery must repair, as small as forgetting allows.
+    """
+
+    def forgotten() -> bool:
+        model.eval()
+        with torch.no_grad():
+            probabilities = torch.softmax(model(data.images.to(device)), dim=1)
+        model.train()
+        true_class = probabilities[torch.arange(len(data)), data.labels.to(device)]
+        return float(true_class.mean()) < FORGET_PROBABILITY
+
+    return train_epochs(
+        model, data, optimizer=optimizer, epochs=epochs, batch_size=batch_size, generator=generator,
+        device=device, ascent=True, stop_when=forgotten if stop_when_forgotten else None,
+    )
+
+
+def _select(images: LabeledImages, keep: torch.Tensor) -> LabeledImages:
+    return LabeledImages(images.images[keep], images.labels[keep])
+
+
+def _in(labels: torch.Tensor, classes: Iterable[int]) -> torch.Tensor:
+    return torch.isin(labels, torch.tensor(sorted(classes), dtype=labels.dtype))
+
+
+def forget_data(store: SyntheticSet, classes: Iterable[int] | None) -> LabeledImages:
+    """Synthetic images of ``classes`` (all of them for ``None``: client-level forgetting)."""
+    synthetic = store.synthetic
+    if classes is None:
+        return synthetic
+    return _select(synthetic, _in(synthetic.labels, classes))
+
+
+def retain_data(store: SyntheticSet, excluded_classes: Iterable[int]) -> LabeledImages:
+    """Synthetic images and real augmentation samples of every class not excluded."""
+    excluded = list(excluded_classes)
+    parts = [store.synthetic, store.augmentation]
+    kept = [_select(part, ~_in(part.labels, excluded)) for part in parts]
+    return LabeledImages(torch.cat([k.images for k in kept]), torch.cat([k.labels for k in kept]))

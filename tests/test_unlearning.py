@@ -1,0 +1,59 @@
+"""Gradient ascent and the forget / retain data of a store (plain torch)."""
+
+from __future__ import annotations
+
+import torch
+
+from qd_app.config import RunConfig
+from qd_app.data import LabeledImages, load_split
+from qd_app.distillation import SyntheticSet
+from qd_app.models import ModelSpec, build_model
+from qd_app.training import make_optimizer, predict, seeded_generator, train_epochs
+from qd_app.unlearning import FORGET_PROBABILITY, forget_data, gradient_ascent, retain_data
+
+
+def trained_model(tiny_mnist_dir):
+    data = load_split("mnist", tiny_mnist_dir, True)
+    model = build_model(ModelSpec.from_config(RunConfig(model_width=8)), seed=0)
+    train_epochs(model, data, optimizer=make_optimizer(model, 0.02, 0.9), epochs=1, batch_size=32,
+                 generator=seeded_generator(0))  # learnt, not yet saturated: ascent has a gradient to follow
+    return model, data
+
+
+def class_data(data: LabeledImages, cls: int) -> LabeledImages:
+    return data.subset(torch.nonzero(data.labels == cls).flatten())
+
+
+def test_ascent_raises_the_loss_and_stops_once_the_data_is_forgotten(tiny_mnist_dir):
+    model, data = trained_model(tiny_mnist_dir)
+    forget = class_data(data, 3)
+    loss_before = torch.nn.functional.cross_entropy(model(forget.images), forget.labels).item()
+    assert (predict(model, forget.images, 64) == 3).float().mean() > 0.9
+    stats = gradient_ascent(model, forget, optimizer=make_optimizer(model, 0.05, 0.9), epochs=200,
+                            batch_size=64, generator=seeded_generator(1))
+    model.eval()
+    with torch.no_grad():
+        probabilities = torch.softmax(model(forget.images), dim=1)[:, 3]
+        loss_after = torch.nn.functional.cross_entropy(model(forget.images), forget.labels).item()
+    assert loss_after > loss_before
+    assert probabilities.mean() < FORGET_PROBABILITY
+    assert stats.steps < 200  # stopped early, well before the cap
+    assert (predict(model, forget.images, 64) == 3).float().mean() == 0.0
+
+
+def test_client_level_ascent_runs_its_fixed_epochs(tiny_mnist_dir):
+    model, data = trained_model(tiny_mnist_dir)
+    stats = gradient_ascent(model, data.subset(torch.arange(100)), optimizer=make_optimizer(model, 0.001),
+                            epochs=3, batch_size=50, generator=seeded_generator(1), stop_when_forgotten=False)
+    assert stats.steps == 6
+
+
+def test_forget_and_retain_data_select_by_class():
+    synthetic = LabeledImages(torch.arange(4.0).view(4, 1, 1, 1), torch.tensor([0, 1, 2, 2]))
+    augmentation = LabeledImages(torch.arange(10.0, 14.0).view(4, 1, 1, 1), torch.tensor([0, 1, 2, 2]))
+    store = SyntheticSet(synthetic, augmentation)
+    assert forget_data(store, [2]).images.flatten().tolist() == [2.0, 3.0]
+    assert forget_data(store, None).labels.tolist() == [0, 1, 2, 2]
+    retained = retain_data(store, [2])
+    assert retained.images.flatten().tolist() == [0.0, 1.0, 10.0, 11.0]
+    assert retained.labels.tolist() == [0, 1, 0, 1]

@@ -1,0 +1,159 @@
+"""QuickDrop end to end in process: train with stores, unlearn, recover, relearn, across runs."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from test_apps import run_server, tiny_run_config
+
+from qd_app.config import RunConfig
+from qd_app.errors import ConfigError, RequestError
+from qd_app.models import ModelSpec, build_model
+from qd_app.unlearning_requests import RequestLog
+
+STRONG_UNLEARNING = {"unlearn-lr": 0.5, "unlearn-epochs": 5, "recover-epochs": 3, "relearn-epochs": 5,
+                     "relearn-lr": 0.05, "scale": 10}
+
+
+def results(tmp_path: Path) -> dict:
+    return json.loads((tmp_path / "tiny" / "results.json").read_text())
+
+
+def snapshot(folder: Path) -> dict[str, str]:
+    """Every file under ``folder`` with a hash of its content."""
+    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def nodes_sent(grid, message_type: str) -> list[list[int]]:
+    """Per round (group of consecutive messages), the partitions a message type went to."""
+    rounds: dict[int, list[int]] = {}
+    for message in grid.sent:
+        if message.metadata.message_type == message_type:
+            server_round = int(message.content["config"]["server-round"])
+            rounds.setdefault(server_round, []).append(message.metadata.dst_node_id - 100)
+    return [sorted(partitions) for _, partitions in sorted(rounds.items())]
+
+
+def test_phase_all_trains_unlearns_recovers_and_relearns_a_class(tiny_mnist_dir, tmp_path):
+    config = tiny_run_config(tiny_mnist_dir, tmp_path, phase="all", **{"forget-class": "3"}, **STRONG_UNLEARNING)
+    grid = run_server(config)
+    record = results(tmp_path)
+    assert [s["name"] for s in record["stages"]] == ["train", "unlearn", "recover", "relearn"]
+    unlearn_request, relearn_request = record["requests"]
+    assert unlearn_request["label"] == "class 3" and relearn_request["action"] == "relearn"
+    assert unlearn_request["after-unlearn"]["forget-accuracy"] < unlearn_request["before"]["forget-accuracy"]
+    assert unlearn_request["total-seconds"] == pytest.approx(
+        unlearn_request["seconds"]["unlearn"] + unlearn_request["seconds"]["recover"])
+    assert unlearn_request["fraction-of-training"] == pytest.approx(
+        unlearn_request["total-seconds"] / record["stages"][0]["seconds"])
+    holders = [i for i, counts in enumerate(record["federation"]["class-counts"]) if counts[3]]
+    assert nodes_sent(grid, "train.unlearn") == [holders]
+    recover = [m for m in grid.sent if m.metadata.message_type == "train.recover"]
+    assert {tuple(m.content["config"]["exclude-classes"]) for m in recover} == {(3,)}
+    relearn = [m for m in grid.sent if m.metadata.message_type == "train.relearn"]
+    assert {tuple(m.content["config"]["exclude-classes"]) for m in relearn} == {()}
+    assert [e["action"] for e in RequestLog(tmp_path / "tiny").entries()] == ["unlearn", "relearn"]
+    rounds = [r["round"] for r in record["rounds"]]
+    assert rounds == list(range(len(rounds)))  # one numbering across all stages
+
+
+def test_no_message_carries_images(tiny_mnist_dir, tmp_path):
+    config = tiny_run_config(tiny_mnist_dir, tmp_path, phase="all", **{"forget-class": "3"}, **STRONG_UNLEARNING)
+    grid = run_server(config)
+    model = build_model(ModelSpec.from_config(RunConfig.from_run_config(config)))
+    shapes = {key: tuple(value.shape) for key, value in model.state_dict().items()}
+    assert grid.replies
+    for message in grid.sent + grid.replies:
+        if message.has_error():
+            continue
+        content = message.content
+        for array_record in content.array_records.values():
+            assert {k: tuple(v.shape) for k, v in array_record.items()} == shapes  # model parameters only
+        for record in list(content.metric_records.values()) + list(content.config_records.values()):
+            for value in record.values():
+                assert not isinstance(value, (bytes, list)) or len(value) <= 10  # scalars, per-class lists
+
+
+def test_requests_arrive_in_later_runs_and_are_recorded(tiny_mnist_dir, tmp_path):
+    base = tiny_run_config(tiny_mnist_dir, tmp_path, **STRONG_UNLEARNING)
+    run_server({**base, "phase": "train"})
+    run_server({**base, "phase": "unlearn", "forget-class": "3+5"})
+    record = results(tmp_path)
+    assert [run["phase"] for run in record["runs"]] == ["train", "unlearn"]
+    assert [s["name"] for s in record["stages"]] == ["train", "unlearn", "recover"]
+    assert [s["run"] for s in record["stages"]] == [0, 1, 1]
+    assert record["requests"][0]["label"] == "classes 3+5"
+    assert record["stages"][1]["first-round"] == record["stages"][0]["last-round"] + 1
+
+    before = snapshot(tmp_path)
+    with pytest.raises(RequestError, match="class 3 is already forgotten"):
+        run_server({**base, "phase": "unlearn", "forget-class": "3"})
+    assert snapshot(tmp_path) == before
+
+    run_server({**base, "phase": "relearn", "forget-class": ""})  # the latest request in force
+    log = RequestLog(tmp_path / "tiny")
+    assert [(e["action"], e["targets"]) for e in log.entries()] == [("unlearn", [3, 5]), ("relearn", [3, 5])]
+    assert log.forgotten() == (set(), set())
+    with pytest.raises(RequestError, match="nothing is forgotten"):
+        run_server({**base, "phase": "relearn", "forget-class": ""})
+
+
+def test_client_level_unlearning_runs_only_on_the_client_and_recovers_on_the_others(tiny_mnist_dir, tmp_path):
+    config = tiny_run_config(tiny_mnist_dir, tmp_path, phase="all", **{"forget-class": "", "forget-client": "1",
+                                                                      "relearn-rounds": 0}, **STRONG_UNLEARNING)
+    grid = run_server(config)
+    assert nodes_sent(grid, "train.unlearn") == [[1]]
+    assert nodes_sent(grid, "train.recover") == [[0, 2], [0, 2]]
+    [request] = results(tmp_path)["requests"]
+    assert request["kind"] == "client" and request["targets"] == [1]
+    for key in ("before", "after-unlearn", "after-recover"):
+        assert 0.0 <= request[key]["forget-accuracy"] <= 1.0 and 0.0 <= request[key]["retain-accuracy"] <= 1.0
+    assert any(m.metadata.message_type == "evaluate" for m in grid.sent)
+
+
+def test_bad_requests_are_refused_and_change_nothing(tiny_mnist_dir, tmp_path):
+    base = tiny_run_config(tiny_mnist_dir, tmp_path)
+    with pytest.raises(RequestError, match="client 7 does not exist \\(the federation has clients 0-2\\)"):
+        run_server({**base, "phase": "all", "forget-class": "", "forget-client": "7"})
+    assert not (tmp_path / "tiny").exists() and not (tmp_path / "stores").exists()
+    with pytest.raises(ConfigError, match="forget-class='12': class ids must be in 0-9"):
+        run_server({**base, "phase": "unlearn", "forget-class": "12"})
+    with pytest.raises(RequestError, match="no trained model at .*run phase=train"):
+        run_server({**base, "phase": "unlearn", "forget-class": "3"})
+
+    run_server({**base, "phase": "train"})
+    before = snapshot(tmp_path)
+    with pytest.raises(RequestError, match="written for another setup: scale 100 \\(this run: 50\\)"):
+        run_server({**base, "phase": "unlearn", "forget-class": "3", "scale": 50})
+    with pytest.raises(RequestError, match="trained with model"):
+        run_server({**base, "phase": "unlearn", "forget-class": "3", "model-width": 16})
+    assert snapshot(tmp_path) == before
+
+    for store in (tmp_path / "stores" / "tiny").iterdir():
+        store.unlink()
+    with pytest.raises(RequestError, match="stores needed .* partition 0: missing"):
+        run_server({**base, "phase": "unlearn", "forget-class": "3"})
+
+
+def test_crash_between_saving_the_model_and_the_log_is_repaired(tiny_mnist_dir, tmp_path, monkeypatch):
+    base = tiny_run_config(tiny_mnist_dir, tmp_path, **STRONG_UNLEARNING)
+    run_server({**base, "phase": "train"})
+
+    def crash(self, entry):
+        raise OSError("killed")
+
+    monkeypatch.setattr(RequestLog, "append_entry", crash)
+    with pytest.raises(OSError, match="killed"):
+        run_server({**base, "phase": "unlearn", "forget-class": "4"})
+    monkeypatch.undo()
+    assert RequestLog(tmp_path / "tiny").entries() == []
+    checkpoint = torch.load(tmp_path / "tiny" / "model.pt", weights_only=True)
+    assert checkpoint["log-entries"] == 1  # the model already reflects the request
+    with pytest.raises(RequestError, match="class 4 is already forgotten"):
+        run_server({**base, "phase": "unlearn", "forget-class": "4"})
+    assert [e["targets"] for e in RequestLog(tmp_path / "tiny").entries()] == [[4]]
