@@ -26,10 +26,10 @@ from .data import LabeledImages, client_train_data, dataset_spec
 from .distillation import SyntheticSet, finetune_synthetic, initial_synthetic_set, train_with_distillation
 from .errors import StoreError
 from .models import ModelSpec, build_model
-from .store import check_identity, load_store, read_header, save_store, store_path
+from .store import check_identity, load_store, save_store, store_path
 from .strategies import NUM_EXAMPLES, SAMPLE_GRADIENTS
 from .training import TrainStats, make_optimizer, predict, resolve_device, seeded_generator, train_epochs
-from .unlearning import forget_data, gradient_ascent, retain_data
+from .unlearning import forget_data, gradient_ascent, relearn_data
 
 
 @dataclass(frozen=True)
@@ -113,18 +113,23 @@ TrainTask = Callable[[ClientRun, ArrayRecord, ConfigRecord], tuple[ArrayRecord, 
 
 
 def inventory(client: ClientRun) -> ConfigRecord:
-    """Partition, class counts and the state of this client's synthetic store."""
+    """Partition, class counts and the state of this client's synthetic store.
+
+    The store is read and verified in full (so a corrupt one is refused before any
+    stage), and one forward and backward pass of the model warms this process up, so
+    that the first timed stage does not pay for it.
+    """
     status, synthetic_counts, store_bytes = "ok", [0] * client.num_classes, 0
-    try:
-        header = read_header(client.store_file) if client.store_file.is_file() else None
-        if header is None:
-            status = "missing"
-        else:
-            check_identity(client.store_file, header["metadata"], client.store_identity())
-            synthetic_counts = list(header["metadata"]["synthetic-counts"])
+    if client.store_file.is_file():
+        try:
+            _, metadata = client.load_store()
+            synthetic_counts = list(metadata["synthetic-counts"])
             store_bytes = client.store_file.stat().st_size
-    except StoreError as exc:
-        status = str(exc)
+        except StoreError as exc:
+            status = str(exc)
+    else:
+        status = "missing"
+    _warm_up(client)
     return ConfigRecord(
         {
             "partition-id": client.node.partition_id,
@@ -135,6 +140,13 @@ def inventory(client: ClientRun) -> ConfigRecord:
             "store-bytes": store_bytes,
         }
     )
+
+
+def _warm_up(client: ClientRun) -> None:
+    sample = client.train_data.subset(torch.arange(min(2, len(client.train_data))))
+    if len(sample):
+        model = build_model(client.model_spec).to(client.device)
+        nn.functional.cross_entropy(model(sample.images.to(client.device)), sample.labels.to(client.device)).backward()
 
 
 def _optimizer(model: nn.Module, config: ConfigRecord) -> torch.optim.Optimizer:
@@ -213,9 +225,10 @@ def unlearn(client: ClientRun, arrays: ArrayRecord, config: ConfigRecord) -> tup
 
 
 def train_on_store(client: ClientRun, arrays: ArrayRecord, config: ConfigRecord) -> tuple[ArrayRecord, MetricRecord]:
-    """Recovery or relearning: SGD on the synthetic + augmentation data of the classes not excluded."""
+    """Recovery or relearning: SGD on the synthetic + augmentation data of the classes not
+    excluded (relearned classes weighted up to half of it)."""
     synthetic_set, _ = client.load_store()
-    data = retain_data(synthetic_set, list(config["exclude-classes"]))
+    data = relearn_data(synthetic_set, list(config["relearn-classes"]), list(config["exclude-classes"]))
     model = client.model(arrays)
     stats = train_epochs(
         model, data, optimizer=_optimizer(model, config), epochs=int(config["epochs"]),

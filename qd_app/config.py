@@ -99,7 +99,7 @@ class RunConfig:  # pylint: disable=too-many-instance-attributes
     recover_epochs: int = 4
     relearn_rounds: int = 2
     relearn_lr: float = 0.01
-    relearn_epochs: int = 2
+    relearn_epochs: int = 4
 
     def __post_init__(self) -> None:
         for field in fields(self):

@@ -349,7 +349,9 @@ class Experiment:  # pylint: disable=too-many-instance-attributes
         else:
             stages.append((
                 RelearnStrategy(self.federation, participants=self._training_participants(after),
-                                exclude_classes=sorted(after.classes), **self._stage_settings("relearn")),
+                                exclude_classes=sorted(after.classes),
+                                relearn_classes=list(request.targets) if request.kind == "class" else [],
+                                **self._stage_settings("relearn")),
                 self.config.relearn_rounds,
             ))
         for strategy, rounds in stages:

@@ -65,12 +65,6 @@ def save_store(path: Path, synthetic_set: SyntheticSet, metadata: dict[str, Any]
     return len(content)
 
 
-def read_header(path: Path) -> dict[str, Any]:
-    """The header of a store (format version, checksum, metadata) without its tensors."""
-    with open(path, "rb") as handle:
-        return _parse_header(path, handle.read(len(MAGIC) + 8), handle)
-
-
 def load_store(path: Path) -> tuple[SyntheticSet, dict[str, Any]]:
     """Read and verify a store; returns the synthetic set and its metadata.
 

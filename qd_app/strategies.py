@@ -231,14 +231,29 @@ class RecoverStrategy(StageStrategy):
 
     def __init__(self, federation: Federation, *, exclude_classes: list[int], **kwargs) -> None:
         super().__init__(federation, **kwargs)
-        self.stage_config["exclude-classes"] = list(exclude_classes)
+        self.stage_config.update({"exclude-classes": list(exclude_classes), "relearn-classes": []})
 
 
 class RelearnStrategy(RecoverStrategy):
-    """Relearning: SGD on the synthetic data with the relearned classes or client back in."""
+    """Relearning: SGD on the synthetic data with the relearned classes or client back in.
+
+    Parameters
+    ----------
+    relearn_classes : list[int]
+        Class-level relearning: the classes coming back; each client repeats their
+        samples so they weigh as much as its other classes together (they would
+        otherwise be a tenth of the data and come back slowly). Empty for a client.
+    **kwargs
+        As for :class:`RecoverStrategy` (``participants``: the clients not forgotten,
+        a relearned client included).
+    """
 
     stage_name = "relearn"
     message_type = f"{MessageType.TRAIN}.relearn"
+
+    def __init__(self, federation: Federation, *, relearn_classes: list[int], **kwargs) -> None:
+        super().__init__(federation, **kwargs)
+        self.stage_config["relearn-classes"] = list(relearn_classes)
 
 
 def _metrics(reply: Message) -> MetricRecord:

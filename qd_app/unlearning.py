@@ -70,9 +70,24 @@ def forget_data(store: SyntheticSet, classes: Iterable[int] | None) -> LabeledIm
     return _select(synthetic, _in(synthetic.labels, classes))
 
 
+def _concat(parts: list[LabeledImages]) -> LabeledImages:
+    return LabeledImages(torch.cat([p.images for p in parts]), torch.cat([p.labels for p in parts]))
+
+
 def retain_data(store: SyntheticSet, excluded_classes: Iterable[int]) -> LabeledImages:
     """Synthetic images and real augmentation samples of every class not excluded."""
     excluded = list(excluded_classes)
-    parts = [store.synthetic, store.augmentation]
-    kept = [_select(part, ~_in(part.labels, excluded)) for part in parts]
-    return LabeledImages(torch.cat([k.images for k in kept]), torch.cat([k.labels for k in kept]))
+    return _concat([_select(part, ~_in(part.labels, excluded)) for part in (store.synthetic, store.augmentation)])
+
+
+def relearn_data(store: SyntheticSet, relearned_classes: Iterable[int], excluded_classes: Iterable[int]) -> LabeledImages:
+    """Retain data with the relearned classes back in, their samples repeated to weigh as
+    much as all the other classes together (at most as often as needed for that)."""
+    relearned = set(relearned_classes)
+    data = retain_data(store, excluded_classes)
+    back = _in(data.labels, relearned)
+    others = int((~back).sum())
+    if not relearned or not bool(back.any()) or others == 0:
+        return data
+    repeats = max(1, round(others / int(back.sum())))
+    return _concat([_select(data, ~back)] + [_select(data, back)] * repeats)

@@ -9,7 +9,7 @@ from qd_app.data import LabeledImages, load_split
 from qd_app.distillation import SyntheticSet
 from qd_app.models import ModelSpec, build_model
 from qd_app.training import make_optimizer, predict, seeded_generator, train_epochs
-from qd_app.unlearning import FORGET_PROBABILITY, forget_data, gradient_ascent, retain_data
+from qd_app.unlearning import FORGET_PROBABILITY, forget_data, gradient_ascent, relearn_data, retain_data
 
 
 def trained_model(tiny_mnist_dir):
@@ -57,3 +57,12 @@ def test_forget_and_retain_data_select_by_class():
     retained = retain_data(store, [2])
     assert retained.images.flatten().tolist() == [0.0, 1.0, 10.0, 11.0]
     assert retained.labels.tolist() == [0, 1, 0, 1]
+
+
+def test_relearned_classes_weigh_as_much_as_the_other_classes():
+    synthetic = LabeledImages(torch.zeros(4, 1, 1, 1), torch.tensor([0, 1, 2, 2]))
+    store = SyntheticSet(synthetic, LabeledImages(torch.ones(4, 1, 1, 1), torch.tensor([0, 1, 2, 2])))
+    data = relearn_data(store, [1], excluded_classes=[])
+    assert torch.bincount(data.labels).tolist() == [2, 6, 4]  # class 1 repeated 3 times: 6 of 12
+    assert torch.bincount(relearn_data(store, [], excluded_classes=[2]).labels).tolist() == [2, 2]
+    assert torch.bincount(relearn_data(store, [1], excluded_classes=[0, 2]).labels).tolist() == [0, 2]

@@ -57,6 +57,7 @@ def test_phase_all_trains_unlearns_recovers_and_relearns_a_class(tiny_mnist_dir,
     assert {tuple(m.content["config"]["exclude-classes"]) for m in recover} == {(3,)}
     relearn = [m for m in grid.sent if m.metadata.message_type == "train.relearn"]
     assert {tuple(m.content["config"]["exclude-classes"]) for m in relearn} == {()}
+    assert {tuple(m.content["config"]["relearn-classes"]) for m in relearn} == {(3,)}
     assert [e["action"] for e in RequestLog(tmp_path / "tiny").entries()] == ["unlearn", "relearn"]
     rounds = [r["round"] for r in record["rounds"]]
     assert rounds == list(range(len(rounds)))  # one numbering across all stages
