@@ -241,8 +241,8 @@ class RelearnStrategy(RecoverStrategy):
     ----------
     relearn_classes : list[int]
         Class-level relearning: the classes coming back; each client repeats their
-        samples so they weigh as much as its other classes together (they would
-        otherwise be a tenth of the data and come back slowly). Empty for a client.
+        samples to make up about a third of its data (they would otherwise be a
+        tenth of it and come back slowly). Empty for a client.
     **kwargs
         As for :class:`RecoverStrategy` (``participants``: the clients not forgotten,
         a relearned client included).

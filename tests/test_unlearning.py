@@ -59,10 +59,10 @@ def test_forget_and_retain_data_select_by_class():
     assert retained.labels.tolist() == [0, 1, 0, 1]
 
 
-def test_relearned_classes_weigh_as_much_as_the_other_classes():
+def test_relearned_classes_are_repeated_to_about_a_third_of_the_data():
     synthetic = LabeledImages(torch.zeros(4, 1, 1, 1), torch.tensor([0, 1, 2, 2]))
     store = SyntheticSet(synthetic, LabeledImages(torch.ones(4, 1, 1, 1), torch.tensor([0, 1, 2, 2])))
     data = relearn_data(store, [1], excluded_classes=[])
-    assert torch.bincount(data.labels).tolist() == [2, 6, 4]  # class 1 repeated 3 times: 6 of 12
+    assert torch.bincount(data.labels).tolist() == [2, 4, 4]  # class 1 twice (6 others / (2 x 2) rounds to 2): 4 of 10
     assert torch.bincount(relearn_data(store, [], excluded_classes=[2]).labels).tolist() == [2, 2]
     assert torch.bincount(relearn_data(store, [1], excluded_classes=[0, 2]).labels).tolist() == [0, 2]
