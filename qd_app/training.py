@@ -71,13 +71,15 @@ def train_epochs(  # pylint: disable=too-many-arguments
     max_steps: int = 0,
     device: torch.device = torch.device("cpu"),
     ascent: bool = False,
+    loss_cap: float | None = None,
     stop_when: Callable[[], bool] | None = None,
 ) -> TrainStats:
     """Minimise cross-entropy on ``data`` with ``optimizer`` for ``epochs`` passes.
 
     With ``ascent`` the optimiser follows the gradient upwards instead (maximises the
-    loss): the stochastic gradient ascent of unlearning. ``stop_when`` is checked
-    after every step; training ends early once it returns True.
+    loss): the stochastic gradient ascent of unlearning. With ``loss_cap`` a sample's
+    loss counts only up to that value, so samples past it give no gradient. ``stop_when``
+    is checked after every step; training ends early once it returns True.
     """
     stats = TrainStats()
     if len(data) == 0:
@@ -86,12 +88,13 @@ def train_epochs(  # pylint: disable=too-many-arguments
     for batch in batch_indices(len(data), batch_size, epochs, max_steps, generator):
         images, labels = data.images[batch].to(device), data.labels[batch].to(device)
         optimizer.zero_grad(set_to_none=True)
-        loss = nn.functional.cross_entropy(model(images), labels)
-        (-loss if ascent else loss).backward()
+        losses = nn.functional.cross_entropy(model(images), labels, reduction="none")
+        objective = (losses if loss_cap is None else losses.clamp(max=loss_cap)).mean()
+        (-objective if ascent else objective).backward()
         optimizer.step()
         stats.steps += 1
         stats.sample_gradients += len(batch)
-        stats.loss_sum += float(loss.detach()) * len(batch)
+        stats.loss_sum += float(losses.detach().sum())
         if stop_when is not None and stop_when():
             break
     return stats

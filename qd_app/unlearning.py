@@ -10,6 +10,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable
 
 import torch
@@ -34,10 +35,13 @@ def gradient_ascent(  # pylint: disable=too-many-arguments
 ) -> TrainStats:
     """SGA: maximise the cross-entropy on ``data`` (each step moves up the gradient).
 
-    Ascent is unbounded, and how much of it a class needs varies a lot; so the client
-    stops as soon as the model misclassifies every sample of its forget data, with
-    ``epochs`` as the upper bound. Stopping there keeps the damage to the other
-    classes, which recovery must repair, as small as forgetting allows.
+    Ascent is unbounded, and how much of it a class needs varies a lot. Two bounds keep
+    the damage to the other classes, which recovery must repair, as small as
+    forgetting allows. Each sample's loss counts only up to -log(FORGET_PROBABILITY):
+    a forgotten sample stops pulling, so samples that resist (or a class the ascent
+    pushes the others into) cannot drive the weights off without limit. And with
+    ``stop_when_forgotten`` the client stops as soon as the mean true-class probability
+    of its forget data falls below FORGET_PROBABILITY, ``epochs`` being the upper bound.
     """
 
     def forgotten() -> bool:
@@ -50,7 +54,8 @@ def gradient_ascent(  # pylint: disable=too-many-arguments
 
     return train_epochs(
         model, data, optimizer=optimizer, epochs=epochs, batch_size=batch_size, generator=generator,
-        device=device, ascent=True, stop_when=forgotten if stop_when_forgotten else None,
+        device=device, ascent=True, loss_cap=-math.log(FORGET_PROBABILITY),
+        stop_when=forgotten if stop_when_forgotten else None,
     )
 
 

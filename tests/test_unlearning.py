@@ -66,3 +66,18 @@ def test_relearned_classes_are_repeated_to_about_a_third_of_the_data():
     assert torch.bincount(data.labels).tolist() == [2, 4, 4]  # class 1 twice (6 others / (2 x 2) rounds to 2): 4 of 10
     assert torch.bincount(relearn_data(store, [], excluded_classes=[2]).labels).tolist() == [2, 2]
     assert torch.bincount(relearn_data(store, [1], excluded_classes=[0, 2]).labels).tolist() == [0, 2]
+
+
+def test_forgotten_samples_stop_pulling_the_ascent(tiny_mnist_dir):
+    """A sample past the loss cap gives no gradient: ascent on it alone leaves the model as it is."""
+    model, data = trained_model(tiny_mnist_dir)
+    forget = class_data(data, 3).subset(torch.arange(4))
+    wrong = LabeledImages(forget.images, (forget.labels + 1) % 10)
+    gradient_ascent(model, wrong, optimizer=make_optimizer(model, 0.05, 0.9), epochs=30, batch_size=4,
+                    generator=seeded_generator(1), stop_when_forgotten=False)  # push the "wrong" label far out
+    before = [p.detach().clone() for p in model.parameters()]
+    with torch.no_grad():
+        assert (torch.softmax(model(wrong.images), 1)[torch.arange(4), wrong.labels] < FORGET_PROBABILITY).all()
+    gradient_ascent(model, wrong, optimizer=make_optimizer(model, 0.05), epochs=5, batch_size=4,
+                    generator=seeded_generator(2), stop_when_forgotten=False)
+    assert all(torch.equal(b, p) for b, p in zip(before, model.parameters()))
