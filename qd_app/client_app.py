@@ -43,6 +43,15 @@ def query(msg: Message, context: Context) -> Message:
     return Message(RecordDict({"inventory": client_tasks.inventory(client)}), reply_to=msg)
 
 
+@app.query("channel_stats")
+@replies_errors
+def query_channel_stats(msg: Message, context: Context) -> Message:
+    """FU-MP: report per-class channel activation statistics of the received model."""
+    client = ClientRun.from_context(context)
+    statistics = client_tasks.channel_stats(client, msg.content["arrays"])
+    return Message(RecordDict({"statistics": statistics}), reply_to=msg)
+
+
 def _train_reply(task: client_tasks.TrainTask, msg: Message, context: Context) -> Message:
     client = ClientRun.from_context(context)
     arrays, metrics = task(client, msg.content["arrays"], msg.content["config"])

@@ -21,6 +21,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, MetricRecord
 from flwr.common import log
 from torch import nn
 
+from .baselines import channel_statistics
 from .config import NodeSettings, RunConfig
 from .data import LabeledImages, client_train_data, dataset_spec
 from .distillation import SyntheticSet, finetune_synthetic, initial_synthetic_set, train_with_distillation
@@ -29,7 +30,7 @@ from .models import ModelSpec, build_model
 from .store import check_identity, load_store, save_store, store_path
 from .strategies import NUM_EXAMPLES, SAMPLE_GRADIENTS
 from .training import TrainStats, make_optimizer, predict, resolve_device, seeded_generator, train_epochs
-from .unlearning import forget_data, gradient_ascent, relearn_data
+from .unlearning import forget_data, gradient_ascent, relearn_data, retain_data
 
 
 @dataclass(frozen=True)
@@ -104,6 +105,14 @@ class ClientRun:
         }
         return save_store(self.store_file, synthetic_set, metadata)
 
+    def stage_source(self, config: ConfigRecord) -> SyntheticSet:
+        """The data a stage draws from: the synthetic store (QuickDrop) or, for the
+        baselines (``data`` = ``original``), the client's original data."""
+        if config.get("data", "synthetic") == "original":
+            data = self.train_data
+            return SyntheticSet(data, LabeledImages(data.images[:0], data.labels[:0]))
+        return self.load_store()[0]
+
     def generator(self, config: ConfigRecord, stage: int) -> torch.Generator:
         """Randomness of one client in one round of one stage, reproducible from ``seed``."""
         return seeded_generator(self.config.seed, stage, int(config["server-round"]), self.node.partition_id)
@@ -161,14 +170,18 @@ def _reply(model: nn.Module, num_examples: int, stats: TrainStats, **extra: floa
 
 
 def local_train(client: ClientRun, arrays: ArrayRecord, config: ConfigRecord) -> tuple[ArrayRecord, MetricRecord]:
-    """FedAvg local update: ``epochs`` epochs of SGD on the client's data."""
+    """FedAvg local update: ``epochs`` epochs of SGD on the client's data (less ``exclude-classes``)."""
     model = client.model(arrays)
+    data = client.train_data
+    excluded = list(config.get("exclude-classes", []))
+    if excluded:
+        data = retain_data(SyntheticSet(data, LabeledImages(data.images[:0], data.labels[:0])), excluded)
     stats = train_epochs(
-        model, client.train_data, optimizer=_optimizer(model, config), epochs=int(config["epochs"]),
+        model, data, optimizer=_optimizer(model, config), epochs=int(config["epochs"]),
         max_steps=int(config["max-steps"]), batch_size=int(config["batch-size"]),
         generator=client.generator(config, 0), device=client.device,
     )
-    return _reply(model, len(client.train_data), stats)
+    return _reply(model, len(data), stats)
 
 
 def distill_train(client: ClientRun, arrays: ArrayRecord, config: ConfigRecord) -> tuple[ArrayRecord, MetricRecord]:
@@ -211,30 +224,42 @@ def distill_train(client: ClientRun, arrays: ArrayRecord, config: ConfigRecord) 
 
 
 def unlearn(client: ClientRun, arrays: ArrayRecord, config: ConfigRecord) -> tuple[ArrayRecord, MetricRecord]:
-    """Gradient ascent on the synthetic forget data (the forget classes, or everything)."""
-    synthetic_set, _ = client.load_store()
+    """Gradient ascent on the forget data (the forget classes, or everything) of the stage's source.
+
+    A client whose forget classes the model already forgets takes no step and replies
+    with weight 0, so it does not dilute the others' ascent in the average.
+    """
     classes = None if bool(config["forget-everything"]) else list(config["forget-classes"])
-    data = forget_data(synthetic_set, classes)
+    data = forget_data(client.stage_source(config), classes)
     model = client.model(arrays)
     stats = gradient_ascent(
         model, data, optimizer=_optimizer(model, config), epochs=int(config["epochs"]),
         batch_size=int(config["batch-size"]), generator=client.generator(config, 4), device=client.device,
         stop_when_forgotten=classes is not None,
     )
-    return _reply(model, len(data), stats)
+    return _reply(model, len(data) if stats.steps else 0, stats)
 
 
 def train_on_store(client: ClientRun, arrays: ArrayRecord, config: ConfigRecord) -> tuple[ArrayRecord, MetricRecord]:
-    """Recovery or relearning: SGD on the synthetic + augmentation data of the classes not
-    excluded (relearned classes weighted up to half of it)."""
-    synthetic_set, _ = client.load_store()
-    data = relearn_data(synthetic_set, list(config["relearn-classes"]), list(config["exclude-classes"]))
+    """Recovery or relearning: SGD on the data of the classes not excluded from the stage's
+    source (synthetic + augmentation, or original), relearned classes weighted up."""
+    source = client.stage_source(config)
+    data = relearn_data(source, list(config["relearn-classes"]), list(config["exclude-classes"]))
     model = client.model(arrays)
     stats = train_epochs(
         model, data, optimizer=_optimizer(model, config), epochs=int(config["epochs"]),
         batch_size=int(config["batch-size"]), generator=client.generator(config, 5), device=client.device,
     )
     return _reply(model, len(data), stats)
+
+
+def channel_stats(client: ClientRun, arrays: ArrayRecord) -> MetricRecord:
+    """FU-MP: per-class sums of every conv channel's mean activation on the client's data."""
+    data = client.train_data
+    sums, counts = channel_statistics(client.model(arrays), data, client.num_classes,
+                                      client.config.eval_batch_size, client.device)
+    layers = {f"layer-{index}": layer.flatten().tolist() for index, layer in enumerate(sums)}
+    return MetricRecord({NUM_EXAMPLES: len(data), SAMPLE_GRADIENTS: 0, "counts": counts.tolist(), **layers})
 
 
 def local_evaluate(client: ClientRun, arrays: ArrayRecord) -> MetricRecord:

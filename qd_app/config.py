@@ -23,6 +23,7 @@ DATASET_CLASSES = {"mnist": 10, "fashion-mnist": 10, "cifar10": 10, "svhn": 10}
 DATASET_NAMES = tuple(DATASET_CLASSES)
 PARTITIONINGS = ("dirichlet", "iid")
 PHASES = ("all", "train", "unlearn", "relearn")
+METHODS = ("quickdrop", "retrain", "sga", "federaser", "fu-mp", "s2u")
 MODEL_NAMES = ("convnet",)
 MODEL_NORMS = ("instance", "batch", "none")
 MODEL_POOLINGS = ("avg", "max", "none")
@@ -66,7 +67,7 @@ class RunConfig:  # pylint: disable=too-many-instance-attributes
     partitioning: str = "dirichlet"
     alpha: float = 0.1
     seed: int = 0
-    num_server_rounds: int = 12
+    num_server_rounds: int = 10
     fraction_train: float = 1.0
     local_epochs: int = 1
     local_steps: int = 0
@@ -82,6 +83,7 @@ class RunConfig:  # pylint: disable=too-many-instance-attributes
     device: str = "auto"
     eval_batch_size: int = 500
     phase: str = "all"
+    method: str = "quickdrop"
     forget_class: str = "9"
     forget_client: str = ""
     store_dir: str = ""
@@ -90,16 +92,20 @@ class RunConfig:  # pylint: disable=too-many-instance-attributes
     distill_momentum: float = 0.5
     distill_batch: int = 4
     finetune_steps: int = 0
-    unlearn_rounds: int = 1
+    unlearn_rounds: int = 3
     unlearn_lr: float = 0.02
     unlearn_epochs: int = 30
     unlearn_client_epochs: int = 1
     recover_rounds: int = 2
     recover_lr: float = 0.01
-    recover_epochs: int = 4
+    recover_epochs: int = 3
     relearn_rounds: int = 2
     relearn_lr: float = 0.01
     relearn_epochs: int = 4
+    federaser_interval: int = 0
+    federaser_ratio: float = 0.5
+    prune_fraction: float = 0.1
+    s2u_scale: float = 0.1
 
     def __post_init__(self) -> None:
         for field in fields(self):
@@ -112,6 +118,7 @@ class RunConfig:  # pylint: disable=too-many-instance-attributes
             "dataset": DATASET_NAMES,
             "partitioning": PARTITIONINGS,
             "phase": PHASES,
+            "method": METHODS,
             "model": MODEL_NAMES,
             "model-norm": MODEL_NORMS,
             "model-pooling": MODEL_POOLINGS,
@@ -138,7 +145,7 @@ class RunConfig:  # pylint: disable=too-many-instance-attributes
                 raise invalid(key, getattr(self, _field_name(key)), "must be >= 1")
         non_negative = (
             "local-steps", "seed", "momentum", "weight-decay", "distill-momentum", "finetune-steps",
-            "recover-rounds", "relearn-rounds",
+            "recover-rounds", "relearn-rounds", "federaser-interval",
         )
         for key in non_negative:
             if getattr(self, _field_name(key)) < 0:
@@ -146,6 +153,9 @@ class RunConfig:  # pylint: disable=too-many-instance-attributes
         for key in ("lr", "distill-lr", "unlearn-lr", "recover-lr", "relearn-lr"):
             if not getattr(self, _field_name(key)) > 0:
                 raise invalid(key, getattr(self, _field_name(key)), "must be > 0")
+        for key in ("federaser-ratio", "prune-fraction", "s2u-scale"):
+            if not 0.0 < getattr(self, _field_name(key)) <= 1.0:
+                raise invalid(key, getattr(self, _field_name(key)), "must be in (0, 1]")
         if not _DEVICE_PATTERN.match(self.device):
             raise invalid("device", self.device, "must be auto, cpu, cuda or cuda:<index>")
         self.resolved_run_config()  # resolving the directories validates them

@@ -15,6 +15,7 @@ requests before any stage runs, so a bad request changes nothing.
 
 from __future__ import annotations
 
+import math
 import random
 import uuid
 from collections.abc import Callable
@@ -44,15 +45,35 @@ from .results import (
     save_checkpoint,
     write_results,
 )
+from .baselines import (
+    FedEraserCalibration,
+    FUMPPruning,
+    PrunedRecovery,
+    RetrainStrategy,
+    S2UStrategy,
+    UpdateHistory,
+)
 from .strategies import (
+    NUM_EXAMPLES,
     QuickDropTraining,
     RecoverStrategy,
     RelearnStrategy,
     StageStrategy,
+    TrainingStrategy,
     UnlearnStrategy,
 )
 from .training import resolve_device
 from .unlearning_requests import RequestLog, UnlearningRequest
+
+
+@dataclass(frozen=True)
+class StagePlan:
+    """A stage to run: how to build its strategy (when it starts), its rounds, and the model
+    it starts from (``None``: the current one)."""
+
+    build: Callable[[], StageStrategy]
+    rounds: int
+    start: Callable[[ArrayRecord], ArrayRecord] | None = None
 
 
 @dataclass
@@ -121,7 +142,7 @@ class Experiment:  # pylint: disable=too-many-instance-attributes
             self._check_action(action, request, state)
             participants |= set(self._stage_participants(action, request, state))
             state = state.after(action, request)
-        if config.phase != "all":
+        if config.phase != "all" and config.method == "quickdrop":
             self._check_stores(participants)
         return plan
 
@@ -152,7 +173,27 @@ class Experiment:  # pylint: disable=too-many-instance-attributes
                 f"(the federation has clients 0-{size - 1})"
             )
 
+    def _check_method(self, action: str, request: UnlearningRequest) -> None:
+        """Refuse what the run's method cannot do."""
+        method = self.config.method
+        if method == "fu-mp" and request.kind == "client":
+            raise RequestError("method fu-mp unlearns classes only (it prunes class-specific channels): "
+                               "use forget-class, or another method for forget-client")
+        if method == "fu-mp" and action == "relearn":
+            raise RequestError("method fu-mp cannot relearn: its pruning is irreversible "
+                               "(set relearn-rounds=0 with phase=all)")
+        if method == "s2u" and request.kind == "class":
+            raise RequestError("method s2u unlearns clients only: use forget-client (and forget-class='')")
+        if method == "federaser" and action == "unlearn":
+            if self.config.phase == "all" and not self.config.federaser_interval:
+                raise RequestError("method federaser needs the client updates recorded during training: "
+                                   "set federaser-interval (e.g. 2)")
+            if self.config.phase != "all" and not self.history().rounds():
+                raise RequestError(f"method federaser needs the client updates recorded during training, and "
+                                   f"{self.history().folder} has none: train with federaser-interval (e.g. 2)")
+
     def _check_action(self, action: str, request: UnlearningRequest, state: Forgotten) -> None:
+        self._check_method(action, request)
         if action == "unlearn":
             already = state.holds(request)
             if already:
@@ -251,7 +292,7 @@ class Experiment:  # pylint: disable=too-many-instance-attributes
             eval_seconds=self.evaluator.seconds - eval_seconds_before, samples=strategy.samples,
             sample_gradients=strategy.sample_gradients, accuracy=last.accuracy, class_accuracy=last.class_accuracy,
             first_round=first_round, last_round=last.round, run=self.run_index, request=request,
-            split=split(arrays) if split else None,
+            split=split(arrays) if split else None, bytes=strategy.bytes_sent + strategy.bytes_received,
         )
         self.record.stages.append(stage)
         self.record.rounds = list(self.evaluator.history)
@@ -286,7 +327,8 @@ class Experiment:  # pylint: disable=too-many-instance-attributes
         )
 
     def train(self) -> ArrayRecord:
-        """Federated training with in-situ distillation (new lineage, new stores)."""
+        """Federated training (new lineage): with in-situ distillation into new stores for
+        QuickDrop, plain FedAvg for the baselines; FedEraser's history when configured."""
         config = self.config
         self.lineage = f"{_now()}-{uuid.uuid4().hex[:8]}"
         self.start_run()
@@ -294,16 +336,22 @@ class Experiment:  # pylint: disable=too-many-instance-attributes
             "num-partitions": self.federation.num_partitions,
             "class-counts": [list(self.federation.clients[n].class_counts) for n in self.federation.node_ids],
         }
-        strategy = QuickDropTraining(
-            self.federation, num_rounds=config.num_server_rounds, lr=config.lr, epochs=config.local_epochs,
-            max_steps=config.local_steps, batch_size=config.batch_size, momentum=config.momentum,
-            weight_decay=config.weight_decay, fraction_train=config.fraction_train, rng=self.rng,
-            distill_lr=config.distill_lr, distill_momentum=config.distill_momentum,
-            distill_batch=config.distill_batch, finetune_steps=config.finetune_steps,
-        )
+        history = self.history()
+        for stale in history.folder.glob("round-*.pt"):  # updates of an earlier trained model
+            stale.unlink()
+        settings = {**self._training_settings(), "fraction_train": config.fraction_train, "rng": self.rng,
+                    "on_round": self._record_history if config.federaser_interval else None}
+        if config.method == "quickdrop":
+            strategy: StageStrategy = QuickDropTraining(
+                self.federation, num_rounds=config.num_server_rounds, distill_lr=config.distill_lr,
+                distill_momentum=config.distill_momentum, distill_batch=config.distill_batch,
+                finetune_steps=config.finetune_steps, **settings,
+            )
+        else:
+            strategy = TrainingStrategy(self.federation, **settings)
         initial = ArrayRecord(build_model(self.model_spec, seed=config.seed).state_dict())
         arrays = self.run_stage(strategy, initial, config.num_server_rounds)
-        self._record_stores({node: int(m["store-bytes"]) for node, m in strategy.last_metrics.items()})
+        self._record_stores({node: int(m.get("store-bytes", 0)) for node, m in strategy.last_metrics.items()})
         self.save_model(arrays, TRAINED_CHECKPOINT_FILE)
         self.save_model(arrays)
         return arrays
@@ -327,35 +375,14 @@ class Experiment:  # pylint: disable=too-many-instance-attributes
 
         entry: dict[str, Any] = {"index": index, "action": action, **request.as_dict(), "label": request.label,
                                  "run": self.run_index, "before": split(arrays).as_dict()}
-        stages: list[tuple[StageStrategy, int]] = []
-        if action == "unlearn":
-            stages.append((
-                UnlearnStrategy(
-                    self.federation, participants=self._unlearn_participants(request, state),
-                    forget_classes=list(request.targets) if request.kind == "class" else None,
-                    **self._stage_settings(
-                        "unlearn", None if request.kind == "class" else self.config.unlearn_client_epochs
-                    ),
-                ),
-                self.config.unlearn_rounds,
-            ))
-            recover_nodes = self._training_participants(after)
-            if recover_nodes and self.config.recover_rounds > 0:
-                stages.append((
-                    RecoverStrategy(self.federation, participants=recover_nodes,
-                                    exclude_classes=sorted(after.classes), **self._stage_settings("recover")),
-                    self.config.recover_rounds,
-                ))
-        else:
-            stages.append((
-                RelearnStrategy(self.federation, participants=self._training_participants(after),
-                                exclude_classes=sorted(after.classes),
-                                relearn_classes=list(request.targets) if request.kind == "class" else [],
-                                **self._stage_settings("relearn")),
-                self.config.relearn_rounds,
-            ))
-        for strategy, rounds in stages:
-            arrays = self.run_stage(strategy, arrays, rounds, request=index, split=split)
+        plans = self._unlearning_plan(request, state, after) if action == "unlearn" else [self._relearn_stage(
+            request, after)]
+        for plan in plans:
+            if plan.rounds == 0:
+                continue
+            strategy = plan.build()
+            start = plan.start(arrays) if plan.start else arrays
+            arrays = self.run_stage(strategy, start, plan.rounds, request=index, split=split)
             stage = self.record.stages[-1]
             entry[f"after-{stage.name}"] = stage.split.as_dict() if stage.split else None
             entry.setdefault("seconds", {})[stage.name] = stage.seconds
@@ -366,6 +393,85 @@ class Experiment:  # pylint: disable=too-many-instance-attributes
         self.forgotten = after
         self._commit(arrays, action, request, entry)
         return arrays
+
+    # ------------------------------------------------------------- methods
+    def _unlearning_plan(self, request: UnlearningRequest, state: Forgotten, after: Forgotten) -> list[StagePlan]:
+        """The stages that serve an unlearning request with the run's ``method``."""
+        config, federation = self.config, self.federation
+        method = config.method
+        retained = self._training_participants(after)
+        original = "original" if method != "quickdrop" else "synthetic"
+        recover = StagePlan(
+            lambda: RecoverStrategy(federation, participants=retained, exclude_classes=sorted(after.classes),
+                                    data=original, **self._stage_settings("recover")),
+            config.recover_rounds if retained else 0,
+        )
+        if method in ("quickdrop", "sga"):
+            epochs = None if request.kind == "class" else config.unlearn_client_epochs
+            unlearn = StagePlan(
+                lambda: UnlearnStrategy(
+                    federation, participants=self._unlearn_participants(request, state),
+                    forget_classes=list(request.targets) if request.kind == "class" else None,
+                    data=original, **self._stage_settings("unlearn", epochs)),
+                config.unlearn_rounds if request.kind == "class" else 1,
+            )
+            return [unlearn, recover]
+        if method == "retrain":
+            return [StagePlan(
+                lambda: RetrainStrategy(federation, participants=retained, exclude_classes=sorted(after.classes),
+                                        **self._training_settings()),
+                config.num_server_rounds,
+                start=lambda _: ArrayRecord(build_model(self.model_spec, seed=config.seed).state_dict()),
+            )]
+        if method == "federaser":
+            history = self.history()
+            first = history.rounds()[0]
+            calibration = StagePlan(
+                lambda: FedEraserCalibration(
+                    federation, history=history, participants=retained, exclude_classes=sorted(after.classes),
+                    **{**self._training_settings(), "epochs": math.ceil(config.federaser_ratio * config.local_epochs)}),
+                len(history.rounds()),
+                start=lambda _: ArrayRecord(history.load(first)["global"]),
+            )
+            return [calibration, recover]
+        if method == "fu-mp":
+            pruning = FUMPPruning(federation, model=build_model(self.model_spec),
+                                  participants=federation.nodes_where(lambda c: c.partition_id not in state.clients),
+                                  forget_classes=list(request.targets), prune_fraction=config.prune_fraction)
+            recovery = StagePlan(
+                lambda: PrunedRecovery(federation, participants=retained, exclude_classes=sorted(after.classes),
+                                       layers=pruning.layers, pruned=pruning.pruned, data=original,
+                                       **self._stage_settings("recover")),
+                recover.rounds,
+            )
+            return [StagePlan(lambda: pruning, 1), recovery]
+        forgotten_nodes = [federation.node_of(target) for target in request.targets]
+        return [StagePlan(
+            lambda: S2UStrategy(federation, participants=sorted(set(retained) | set(forgotten_nodes)),
+                                forgotten_nodes=forgotten_nodes, scale=config.s2u_scale,
+                                exclude_classes=sorted(after.classes), **self._training_settings()),
+            1 + config.recover_rounds,
+        )]
+
+    def _relearn_stage(self, request: UnlearningRequest, after: Forgotten) -> StagePlan:
+        return StagePlan(
+            lambda: RelearnStrategy(
+                self.federation, participants=self._training_participants(after),
+                exclude_classes=sorted(after.classes),
+                relearn_classes=list(request.targets) if request.kind == "class" else [],
+                data="synthetic" if self.config.method == "quickdrop" else "original",
+                **self._stage_settings("relearn")),
+            self.config.relearn_rounds,
+        )
+
+    def _training_settings(self) -> dict[str, Any]:
+        config = self.config
+        return {"lr": config.lr, "epochs": config.local_epochs, "max_steps": config.local_steps,
+                "batch_size": config.batch_size, "momentum": config.momentum, "weight_decay": config.weight_decay}
+
+    def history(self) -> UpdateHistory:
+        """FedEraser's record of client updates, kept beside the experiment's outputs."""
+        return UpdateHistory(self.output_path / "federaser", self.config.federaser_interval)
 
     def _split(self, arrays: ArrayRecord, request: UnlearningRequest, excluded_classes: set[int],
                forgotten_clients: set[int]) -> SplitAccuracy:
@@ -416,12 +522,28 @@ class Experiment:  # pylint: disable=too-many-instance-attributes
             return save_checkpoint(self.output_path, state_dict, metadata, name)
         return save_checkpoint(self.output_path, state_dict, metadata)
 
+    def _record_history(self, server_round: int, sent: ArrayRecord, replies: list[Message]) -> None:
+        """FedEraser: store every client's update of this round if it is a recorded one."""
+        history = self.history()
+        if not history.records(server_round):
+            return
+        global_model = sent.to_torch_state_dict()
+        updates, num_examples = {}, {}
+        for reply in replies:
+            partition = self.federation.partition_of(reply.metadata.src_node_id)
+            model = reply.content["arrays"].to_torch_state_dict()
+            updates[partition] = {key: model[key] - global_model[key] for key in model}
+            num_examples[partition] = int(reply.content["metrics"][NUM_EXAMPLES])
+        history.save(server_round, global_model, updates, num_examples)
+        self.record.stores["federaser-bytes"] = history.size_bytes()
+
     def _record_stores(self, bytes_by_node: dict[int, int]) -> None:
         scale = self.config.scale
         clients = [self.federation.clients[node] for node in self.federation.node_ids]
         synthetic = [sum(synthetic_count(n, scale) for n in c.class_counts if n) for c in clients]
         data = sum(c.num_examples for c in clients)
         self.record.stores = {
+            **self.record.stores,
             "bytes": [bytes_by_node.get(c.node_id, 0) for c in clients],
             "synthetic-images": synthetic,
             "augmentation-images": synthetic,

@@ -34,7 +34,8 @@ class StageRecord:  # pylint: disable=too-many-instance-attributes
     local work, aggregation); server-side test evaluation is ``eval-seconds``.
     ``samples`` is the number of samples the stage's clients trained on in one round
     (the paper's "data size"); ``sample-gradients`` counts per-sample gradient
-    computations over all rounds. ``forget-accuracy`` / ``retain-accuracy`` (F-Set /
+    computations over all rounds; ``bytes`` the model parameters sent between server
+    and clients, both ways. ``forget-accuracy`` / ``retain-accuracy`` (F-Set /
     R-Set) refer to the request the stage serves (``request``, an index into
     ``requests``); ``run`` indexes ``runs``.
     """
@@ -52,6 +53,7 @@ class StageRecord:  # pylint: disable=too-many-instance-attributes
     run: int = 0
     request: int | None = None
     split: SplitAccuracy | None = None
+    bytes: int = 0
 
     def as_dict(self) -> dict[str, Any]:
         """JSON form with the app's kebab-case keys."""
@@ -67,6 +69,7 @@ class StageRecord:  # pylint: disable=too-many-instance-attributes
             "eval-seconds": self.eval_seconds,
             "samples": self.samples,
             "sample-gradients": self.sample_gradients,
+            "bytes": self.bytes,
             "accuracy": self.accuracy,
             **split.as_dict(),
             "class-accuracy": list(self.class_accuracy),
@@ -81,7 +84,7 @@ class StageRecord:  # pylint: disable=too-many-instance-attributes
             sample_gradients=entry["sample-gradients"], accuracy=entry["accuracy"],
             class_accuracy=tuple(entry["class-accuracy"]), first_round=entry["first-round"],
             last_round=entry["last-round"], run=entry["run"], request=entry["request"],
-            split=SplitAccuracy(entry["forget-accuracy"], entry["retain-accuracy"]),
+            split=SplitAccuracy(entry["forget-accuracy"], entry["retain-accuracy"]), bytes=entry.get("bytes", 0),
         )
 
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import random
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from logging import INFO, WARNING
 
 from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
@@ -45,6 +45,9 @@ class StageStrategy(FedAvg):
         no ``participants`` are given.
     rng : random.Random, optional
         Source of randomness for node sampling (seeded for reproducible runs).
+    on_round : callable, optional
+        Called with (round, model sent, replies without errors) after every round,
+        e.g. to record per-client history (FedEraser).
     **kwargs
         Passed on to :class:`flwr.serverapp.strategy.FedAvg`. Client-side evaluation
         is off unless ``fraction_evaluate`` is given.
@@ -55,7 +58,8 @@ class StageStrategy(FedAvg):
     (the aggregation weight: the size of the data the client used) and
     ``sample-gradients`` (per-sample gradient computations it performed). A round in
     which every client fails raises :class:`StageFailedError` with their reasons; a
-    round in which no client had data leaves the model unchanged.
+    round in which every client reports weight 0 (no data, or nothing left to do)
+    leaves the model unchanged.
     """
 
     stage_name = "train"
@@ -74,6 +78,7 @@ class StageStrategy(FedAvg):
         max_steps: int = 0,
         fraction_train: float = 1.0,
         rng: random.Random | None = None,
+        on_round: Callable[[int, ArrayRecord, list[Message]], None] | None = None,
         **kwargs,
     ) -> None:
         kwargs.setdefault("fraction_evaluate", 0.0)
@@ -91,9 +96,13 @@ class StageStrategy(FedAvg):
             "max-steps": max_steps,
         }
         self.rng = rng or random.Random(0)
+        self.on_round = on_round
+        self._sent: ArrayRecord | None = None
         self.seconds = 0.0
         self.samples = 0
         self.sample_gradients = 0
+        self.bytes_sent = 0
+        self.bytes_received = 0
         self.last_metrics: dict[int, MetricRecord] = {}
         self._round_started = 0.0
 
@@ -114,29 +123,43 @@ class StageStrategy(FedAvg):
         log(INFO, "%s round %s: %s nodes", self.stage_name, server_round, len(node_ids))
         round_config = ConfigRecord({**dict(config), **self.stage_config, "server-round": server_round})
         record = RecordDict({self.arrayrecord_key: arrays, self.configrecord_key: round_config})
+        self.bytes_sent += arrays.count_bytes() * len(node_ids)
+        self._sent = arrays
         return self._construct_messages(record, node_ids, self.message_type)
 
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         """FedAvg of the replies weighted by ``num-examples``, plus cost accounting."""
+        valid = self._account(server_round, replies)
+        with_data = [reply for reply in valid if int(_metrics(reply)[NUM_EXAMPLES])]
+        if not with_data:
+            log(INFO, "%s round %s: no client had anything to do; model unchanged", self.stage_name, server_round)
+            self.finish_round()
+            return None, None
+        aggregated = super().aggregate_train(server_round, with_data)
+        self.finish_round()
+        return aggregated
+
+    def _account(self, server_round: int, replies: Iterable[Message]) -> list[Message]:
+        """Record the round's cost; return the replies without errors (raise if there are none)."""
         replies = list(replies)
         valid = [reply for reply in replies if not reply.has_error()]
         if not valid:
-            self.seconds += time.perf_counter() - self._round_started
+            self.finish_round()
             raise StageFailedError(_failure_summary(self.stage_name, server_round, replies))
         self.last_metrics = {reply.metadata.src_node_id: _metrics(reply) for reply in valid}
         metrics = list(self.last_metrics.values())
-        round_samples = sum(int(m[NUM_EXAMPLES]) for m in metrics)
-        self.samples = max(self.samples, round_samples)
+        self.samples = max(self.samples, sum(int(m[NUM_EXAMPLES]) for m in metrics))
         self.sample_gradients += sum(int(m.get(SAMPLE_GRADIENTS, 0)) for m in metrics)
-        if round_samples == 0:
-            log(WARNING, "%s round %s: no client had data; model unchanged", self.stage_name, server_round)
-            self.seconds += time.perf_counter() - self._round_started
-            return None, None
-        aggregated = super().aggregate_train(server_round, [r for r in valid if int(_metrics(r)[NUM_EXAMPLES])])
+        self.bytes_received += sum(record.count_bytes() for r in valid for record in r.content.array_records.values())
+        if self.on_round is not None and self._sent is not None:
+            self.on_round(server_round, self._sent, valid)
+        return valid
+
+    def finish_round(self) -> None:
+        """Add the round's wall time (since :meth:`configure_train`) to :attr:`seconds`."""
         self.seconds += time.perf_counter() - self._round_started
-        return aggregated
 
 
 class TrainingStrategy(StageStrategy):
@@ -201,6 +224,8 @@ class UnlearnStrategy(StageStrategy):
     forget_classes : list[int], optional
         Class-level unlearning: the classes to forget (participants: the clients
         holding them). ``None``: client-level, the participant forgets its whole set.
+    data : str
+        ``synthetic`` (QuickDrop: the client's store) or ``original`` (SGA-Or: its data).
     **kwargs
         As for :class:`StageStrategy` (``participants`` is required).
     """
@@ -208,10 +233,11 @@ class UnlearnStrategy(StageStrategy):
     stage_name = "unlearn"
     message_type = f"{MessageType.TRAIN}.unlearn"
 
-    def __init__(self, federation: Federation, *, forget_classes: list[int] | None = None, **kwargs) -> None:
+    def __init__(self, federation: Federation, *, forget_classes: list[int] | None = None,
+                 data: str = "synthetic", **kwargs) -> None:
         super().__init__(federation, **kwargs)
         self.stage_config.update(
-            {"forget-classes": list(forget_classes or []), "forget-everything": forget_classes is None}
+            {"forget-classes": list(forget_classes or []), "forget-everything": forget_classes is None, "data": data}
         )
 
 
@@ -222,6 +248,8 @@ class RecoverStrategy(StageStrategy):
     ----------
     exclude_classes : list[int]
         Classes forgotten so far (left out of every client's recovery data).
+    data : str
+        ``synthetic`` (QuickDrop: store and augmentation) or ``original`` (the baselines).
     **kwargs
         As for :class:`StageStrategy` (``participants``: the clients not forgotten).
     """
@@ -229,9 +257,10 @@ class RecoverStrategy(StageStrategy):
     stage_name = "recover"
     message_type = f"{MessageType.TRAIN}.recover"
 
-    def __init__(self, federation: Federation, *, exclude_classes: list[int], **kwargs) -> None:
+    def __init__(self, federation: Federation, *, exclude_classes: list[int], data: str = "synthetic",
+                 **kwargs) -> None:
         super().__init__(federation, **kwargs)
-        self.stage_config.update({"exclude-classes": list(exclude_classes), "relearn-classes": []})
+        self.stage_config.update({"exclude-classes": list(exclude_classes), "relearn-classes": [], "data": data})
 
 
 class RelearnStrategy(RecoverStrategy):

@@ -22,6 +22,17 @@ from .training import TrainStats, train_epochs
 FORGET_PROBABILITY = 0.001
 
 
+def forgotten(model: torch.nn.Module, data: LabeledImages, device: torch.device = torch.device("cpu")) -> bool:
+    """Whether the model has forgotten ``data``: its mean probability for the true
+    class is below FORGET_PROBABILITY."""
+    model.eval()
+    with torch.no_grad():
+        probabilities = torch.softmax(model(data.images.to(device)), dim=1)
+    model.train()
+    true_class = probabilities[torch.arange(len(data)), data.labels.to(device)]
+    return float(true_class.mean()) < FORGET_PROBABILITY
+
+
 def gradient_ascent(  # pylint: disable=too-many-arguments
     model: torch.nn.Module,
     data: LabeledImages,
@@ -40,22 +51,20 @@ def gradient_ascent(  # pylint: disable=too-many-arguments
     forgetting allows. Each sample's loss counts only up to -log(FORGET_PROBABILITY):
     a forgotten sample stops pulling, so samples that resist (or a class the ascent
     pushes the others into) cannot drive the weights off without limit. And with
-    ``stop_when_forgotten`` the client stops as soon as the mean true-class probability
-    of its forget data falls below FORGET_PROBABILITY, ``epochs`` being the upper bound.
+    ``stop_when_forgotten`` the client stops as soon as its forget data is
+    :func:`forgotten` (and takes no step if it is already), ``epochs`` being the upper
+    bound.
     """
 
-    def forgotten() -> bool:
-        model.eval()
-        with torch.no_grad():
-            probabilities = torch.softmax(model(data.images.to(device)), dim=1)
-        model.train()
-        true_class = probabilities[torch.arange(len(data)), data.labels.to(device)]
-        return float(true_class.mean()) < FORGET_PROBABILITY
+    def data_forgotten() -> bool:
+        return forgotten(model, data, device)
 
+    if stop_when_forgotten and data_forgotten():
+        return TrainStats()
     return train_epochs(
         model, data, optimizer=optimizer, epochs=epochs, batch_size=batch_size, generator=generator,
         device=device, ascent=True, loss_cap=-math.log(FORGET_PROBABILITY),
-        stop_when=forgotten if stop_when_forgotten else None,
+        stop_when=data_forgotten if stop_when_forgotten else None,
     )
 
 

@@ -18,5 +18,5 @@ def test_ci_runs_the_readme_test_command():
 
 
 def test_every_setting_is_in_the_readme_table():
-    documented = set(re.findall(r"^\| `([a-z-]+)` \|", README, flags=re.M))
+    documented = set(re.findall(r"^\| `([a-z0-9-]+)` \|", README, flags=re.M))
     assert set(RunConfig().to_run_config()) <= documented

@@ -7,115 +7,16 @@ process it spawns are stopped afterwards) and uses a scratch FLWR_HOME.
 from __future__ import annotations
 
 import json
-import os
-import re
-import shutil
-import signal
-import socket
-import subprocess
-import sys
-import tempfile
-import time
-from pathlib import Path
 
 import pytest
 
-PROJECT = Path(__file__).resolve().parents[1]
-BIN = Path(sys.executable).parent  # flwr, flower-superlink and flwr-simulation live beside python
-RUN_TIMEOUT_S = 600
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-class SimulationSuperLink:
-    """A `flower-superlink --simulation` of our own, and the `flwr` CLI pointed at it."""
-
-    def __init__(self, home: Path) -> None:
-        self.home = home
-        self.port = _free_port()
-        self.ray_tmp = Path(tempfile.mkdtemp(prefix="ray", dir="/tmp"))
-        self.env = {
-            **os.environ,
-            "FLWR_HOME": str(home),
-            "RAY_TMPDIR": str(self.ray_tmp),
-            "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}",
-        }
-        home.mkdir(parents=True, exist_ok=True)
-        (home / "config.toml").write_text(
-            f'[superlink]\ndefault = "e2e"\n\n[superlink.e2e]\naddress = "127.0.0.1:{self.port}"\ninsecure = true\n'
-        )
-        command = [
-            str(BIN / "flower-superlink"), "--insecure", "--simulation", "--host", "127.0.0.1", "--port", str(self.port),
-            "--database", str(home / "state.db"), "--disable-runtime-dependency-installation",
-        ]
-        self.log = open(home / "superlink.log", "wb")  # noqa: SIM115  (closed in stop)
-        self.process = subprocess.Popen(command, env=self.env, stdout=self.log, stderr=subprocess.STDOUT,
-                                        start_new_session=True)
-        self._wait_until_listening()
-
-    def _wait_until_listening(self) -> None:
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline:
-            with socket.socket() as sock:
-                if sock.connect_ex(("127.0.0.1", self.port)) == 0:
-                    return
-            if self.process.poll() is not None:
-                raise RuntimeError((self.home / "superlink.log").read_text())
-            time.sleep(0.5)
-        raise TimeoutError("SuperLink did not start")
-
-    def flwr(self, *args: str, timeout: float = 120) -> subprocess.CompletedProcess:
-        return subprocess.run([str(BIN / "flwr"), *args], cwd=PROJECT, env=self.env, capture_output=True, text=True,
-                              timeout=timeout, check=False)
-
-    def run_app(self, run_config: str, num_supernodes: int) -> tuple[dict, str]:
-        """`flwr run . --stream`; returns the run's `flwr ls` entry and the streamed log."""
-        started = self.flwr(
-            "run", ".", "e2e", "--stream",
-            "--federation-config", f"num-supernodes={num_supernodes} client-resources-num-cpus=1",
-            "--run-config", run_config,
-            timeout=RUN_TIMEOUT_S,
-        )
-        output = started.stdout + started.stderr
-        match = re.search(r"Successfully started run (\d+)", output)
-        assert match, output
-        listing = self.flwr("ls", "e2e", "--run-id", match.group(1), "--format", "json")
-        [run] = json.loads(listing.stdout)["runs"]
-        return run, output
-
-    def stop(self) -> None:
-        """Stop the SuperLink and everything it started (its whole process group)."""
-        group = self.process.pid
-        for sig, grace_s in ((signal.SIGTERM, 30), (signal.SIGKILL, 10)):
-            if not _group_alive(group):
-                break
-            os.killpg(group, sig)
-            deadline = time.monotonic() + grace_s
-            while _group_alive(group) and time.monotonic() < deadline:
-                self.process.poll()  # reap the SuperLink itself
-                time.sleep(0.2)
-        self.process.wait(timeout=10)
-        self.log.close()
-        shutil.rmtree(self.ray_tmp, ignore_errors=True)
-
-
-def _group_alive(group: int) -> bool:
-    try:
-        os.killpg(group, 0)
-    except ProcessLookupError:
-        return False
-    return True
+from qd_app.local_federation import SimulationSuperLink
 
 
 @pytest.fixture(scope="module")
 def superlink(tmp_path_factory):
-    link = SimulationSuperLink(tmp_path_factory.mktemp("flwrhome"))
-    yield link
-    link.stop()
+    with SimulationSuperLink(tmp_path_factory.mktemp("flwrhome")) as link:
+        yield link
 
 
 def test_flwr_run_trains_unlearns_and_serves_a_later_request_on_real_mnist(superlink, tmp_path):

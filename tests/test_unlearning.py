@@ -9,7 +9,7 @@ from qd_app.data import LabeledImages, load_split
 from qd_app.distillation import SyntheticSet
 from qd_app.models import ModelSpec, build_model
 from qd_app.training import make_optimizer, predict, seeded_generator, train_epochs
-from qd_app.unlearning import FORGET_PROBABILITY, forget_data, gradient_ascent, relearn_data, retain_data
+from qd_app.unlearning import FORGET_PROBABILITY, forget_data, forgotten, gradient_ascent, relearn_data, retain_data
 
 
 def trained_model(tiny_mnist_dir):
@@ -81,3 +81,14 @@ def test_forgotten_samples_stop_pulling_the_ascent(tiny_mnist_dir):
     gradient_ascent(model, wrong, optimizer=make_optimizer(model, 0.05), epochs=5, batch_size=4,
                     generator=seeded_generator(2), stop_when_forgotten=False)
     assert all(torch.equal(b, p) for b, p in zip(before, model.parameters()))
+
+
+def test_ascent_takes_no_step_on_data_already_forgotten(tiny_mnist_dir):
+    model, data = trained_model(tiny_mnist_dir)
+    forget = class_data(data, 3)
+    gradient_ascent(model, forget, optimizer=make_optimizer(model, 0.05, 0.9), epochs=200, batch_size=64,
+                    generator=seeded_generator(1))
+    assert forgotten(model, forget)
+    again = gradient_ascent(model, forget, optimizer=make_optimizer(model, 0.05, 0.9), epochs=200, batch_size=64,
+                            generator=seeded_generator(2))
+    assert again.steps == 0

@@ -1,0 +1,344 @@
+"""Benchmark: every unlearning method from the same trained model, side by side.
+
+    python -m qd_app.bench <suite> [--quick] [--seeds N] [--out DIR]
+
+Each suite drives the real app with ``flwr run`` against a private simulation
+SuperLink (:mod:`qd_app.local_federation`). Per seed it trains once (QuickDrop
+training, which also leaves the clients' stores and FedEraser's history), then runs
+every method with ``phase=unlearn`` on a copy of that trained experiment, so all
+start from the same model, partitions and machine, in one invocation. It reads each
+run's results.json, measures the final models (membership inference, tug-of-war and
+output KL against Retrain-Or) and writes ``<out>/<suite>.json``, ``<suite>.md`` and
+``<suite>.png``. Retrain-Or runs with the training stage's own settings.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import shutil
+import statistics
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .config import RunConfig
+from .data import evaluation_split, load_split, partition_indices
+from .local_federation import PROJECT, SimulationSuperLink
+from .metrics import membership_inference, output_kl, tug_of_war
+from .models import ModelSpec, build_model
+from .results import CHECKPOINT_FILE
+
+NUM_CLIENTS = 10
+EXPERIMENT = "bench"
+MIA_MEMBERS = 5000
+
+
+@dataclass(frozen=True)
+class Suite:
+    """One comparison: the settings every run shares, the methods, and the request."""
+
+    name: str
+    title: str
+    settings: dict[str, Any]
+    methods: tuple[str, ...]
+    request: dict[str, str]
+    relearn: bool = False
+    variants: dict[str, dict[str, Any]] = field(default_factory=lambda: {"": {}})
+
+
+COMMON = {"dataset": "mnist", "alpha": 0.1, "federaser-interval": 2, "recover-epochs": 1}
+SUITES = {
+    suite.name: suite
+    for suite in (
+        Suite("class-level", "Class-level unlearning of class 9 (cf. QuickDrop Table 2)", COMMON,
+              ("retrain", "sga", "federaser", "fu-mp", "quickdrop"), {"forget-class": "9"}),
+        Suite("client-level", "Client-level unlearning of client 4 (cf. Table 4)", COMMON,
+              ("retrain", "sga", "federaser", "s2u", "quickdrop"), {"forget-class": "", "forget-client": "4"},
+              variants={"non-IID": {}, "IID": {"partitioning": "iid"}}),
+        Suite("relearn", "Unlearning class 9, recovery, then relearning (cf. Table 5)", COMMON,
+              ("retrain", "sga", "federaser", "quickdrop"), {"forget-class": "9"}, relearn=True),
+        Suite("sequential", "Every class unlearned one after another (cf. Figure 4)", COMMON,
+              ("quickdrop",), {"forget-class": "all"}),
+    )
+}
+
+
+def _config_text(settings: dict[str, Any]) -> str:
+    """Run-config overrides in ``flwr run -c`` form."""
+    return " ".join(f"{k}={json.dumps(v) if not isinstance(v, str) else repr(v)}" for k, v in settings.items())
+
+
+def _load_results(output_dir: Path) -> dict[str, Any]:
+    return json.loads((output_dir / EXPERIMENT / "results.json").read_text())
+
+
+def _run(link: SimulationSuperLink, settings: dict[str, Any], label: str) -> dict[str, Any]:
+    started = time.perf_counter()
+    print(f"  [{time.strftime('%H:%M:%S')}] {label} ...", flush=True)
+    run, log = link.run_app(_config_text(settings), NUM_CLIENTS)
+    if run["status"] != "finished:completed":
+        raise RuntimeError(f"{label} failed ({run['status']}):\n{log[-3000:]}")
+    print(f"  [{time.strftime('%H:%M:%S')}] {label} done in {time.perf_counter() - started:.0f} s", flush=True)
+    return _load_results(Path(settings["output-dir"]))
+
+
+def _method_row(results: dict[str, Any], relearn: bool) -> dict[str, Any]:
+    """One method's numbers from its results.json (its last run)."""
+    run = len(results["runs"]) - 1
+    stages = [s for s in results["stages"] if s["run"] == run]
+    requests = [r for r in results["requests"] if r["run"] == run]
+    unlearn = next(r for r in requests if r["action"] == "unlearn")
+    row = {
+        "seconds": unlearn["total-seconds"],
+        "stage-seconds": unlearn["seconds"],
+        "samples": unlearn["samples"],
+        "sample-gradients": sum(s["sample-gradients"] for s in stages if s["request"] == unlearn["index"]),
+        "bytes": sum(s.get("bytes", 0) for s in stages if s["request"] == unlearn["index"]),
+        "before": unlearn["before"],
+        "after": {key[len("after-"):]: value for key, value in unlearn.items() if key.startswith("after-")},
+    }
+    final = list(row["after"].values())[-1]
+    row["forget"], row["retain"] = final["forget-accuracy"], final["retain-accuracy"]
+    if relearn:
+        relearned = next(r for r in requests if r["action"] == "relearn")
+        row["relearn"] = relearned["after-relearn"]
+        row["relearn-seconds"] = relearned["total-seconds"]
+    return row
+
+
+def _logits(config: RunConfig, model_file: Path, images: torch.Tensor) -> torch.Tensor:
+    model = build_model(ModelSpec.from_config(config))
+    model.load_state_dict(torch.load(model_file, weights_only=True)["state-dict"])
+    model.eval()
+    with torch.no_grad():
+        return torch.cat([model(images[i:i + 1000]) for i in range(0, len(images), 1000)])
+
+
+def _model_metrics(config: RunConfig, suite: Suite, model_files: dict[str, Path]) -> dict[str, dict[str, float]]:
+    """MIA on the forget set, and KL / tug-of-war against Retrain-Or, for every method's final model."""
+    train = load_split(config.dataset, config.data_path, True)
+    test = evaluation_split(config)
+    if "forget-client" in suite.request and suite.request["forget-client"]:
+        client = int(suite.request["forget-client"])
+        forget_index = partition_indices(config, NUM_CLIENTS)[client]
+        retain_mask = torch.ones(len(train), dtype=torch.bool)
+        retain_mask[torch.as_tensor(forget_index)] = False
+        test_forget = torch.zeros(len(test), dtype=torch.bool)
+    else:
+        classes = torch.tensor([int(c) for c in suite.request["forget-class"].split("+")])
+        retain_mask = ~torch.isin(train.labels, classes)
+        forget_index = torch.nonzero(~retain_mask).flatten().numpy()
+        test_forget = torch.isin(test.labels, classes)
+    generator = torch.Generator().manual_seed(config.seed)
+    members = torch.nonzero(retain_mask).flatten()
+    members = members[torch.randperm(len(members), generator=generator)[:MIA_MEMBERS]]
+    forget = train.subset(forget_index)
+    logits = {}
+    for method, path in model_files.items():
+        logits[method] = {
+            "members": _logits(config, path, train.images[members]),
+            "test": _logits(config, path, test.images),
+            "forget": _logits(config, path, forget.images),
+        }
+    metrics = {}
+    for method, outputs in logits.items():
+        predictions = outputs["test"].argmax(1)
+        accuracy = {
+            "forget": float((outputs["forget"].argmax(1) == forget.labels).double().mean()),
+            "retain": float((predictions == test.labels)[~test_forget].double().mean()),
+            "test": float((predictions == test.labels).double().mean()),
+        }
+        metrics[method] = {
+            "mia": membership_inference((outputs["members"], train.labels[members]),
+                                        (outputs["test"], test.labels), (outputs["forget"], forget.labels),
+                                        seed=config.seed),
+            "accuracy": accuracy,
+        }
+    if "retrain" in metrics:
+        for method, outputs in logits.items():
+            metrics[method]["kl-vs-retrain"] = output_kl(outputs["test"], logits["retrain"]["test"])
+            metrics[method]["tug-of-war"] = tug_of_war(metrics[method]["accuracy"], metrics["retrain"]["accuracy"])
+    return metrics
+
+
+def run_seed(link: SimulationSuperLink, suite: Suite, variant: dict[str, Any], seed: int, work: Path,
+             methods: tuple[str, ...]) -> dict[str, Any]:
+    """Train once, then every method from a copy of the trained experiment."""
+    base = {**suite.settings, **variant, "seed": seed, "store-dir": str(work / "stores")}
+    trained = work / "train"
+    _run(link, {**base, "phase": "train", "output-dir": str(trained)}, f"seed {seed}: training")
+    rows, model_files = {}, {}
+    for method in methods:
+        output = work / method
+        shutil.rmtree(output, ignore_errors=True)
+        shutil.copytree(trained, output)
+        settings = {**base, **suite.request, "phase": "unlearn", "method": method, "output-dir": str(output)}
+        results = _run(link, settings, f"seed {seed}: {method}")
+        if suite.relearn:
+            results = _run(link, {**settings, "phase": "relearn", "forget-class": "", "forget-client": ""},
+                           f"seed {seed}: {method} relearning")
+        rows[method] = _method_row(results, suite.relearn)
+        model_files[method] = output / EXPERIMENT / CHECKPOINT_FILE
+    training = _load_results(trained)
+    config = RunConfig.from_run_config(base)
+    if not suite.relearn and "retrain" in methods:
+        for method, extra in _model_metrics(config, suite, model_files).items():
+            rows[method].update(extra)
+    return {"seed": seed, "train-seconds": training["stages"][0]["seconds"],
+            "train-accuracy": training["stages"][0]["accuracy"], "methods": rows,
+            "federaser-bytes": training.get("stores", {}).get("federaser-bytes", 0),
+            "store-bytes": training.get("stores", {}).get("bytes", [])}
+
+
+def _mean_std(values: list[float]) -> tuple[float, float]:
+    values = [v for v in values if v is not None and not (isinstance(v, float) and math.isnan(v))]
+    if not values:
+        return math.nan, math.nan
+    return statistics.fmean(values), statistics.pstdev(values) if len(values) > 1 else 0.0
+
+
+def summarise(seeds: list[dict[str, Any]], methods: tuple[str, ...]) -> dict[str, dict[str, Any]]:
+    """Mean and spread over seeds of every reported number, per method."""
+    summary = {}
+    for method in methods:
+        rows = [seed["methods"][method] for seed in seeds]
+        quick = [seed["methods"]["quickdrop"]["seconds"] for seed in seeds] if "quickdrop" in methods else None
+        entry = {
+            "seconds": _mean_std([r["seconds"] for r in rows]),
+            "forget": _mean_std([r["forget"] for r in rows]),
+            "retain": _mean_std([r["retain"] for r in rows]),
+            "forget-after-unlearn": _mean_std([r["after"].get("unlearn", {}).get("forget-accuracy")
+                                               if "unlearn" in r["after"] else None for r in rows]),
+            "sample-gradients": _mean_std([r["sample-gradients"] for r in rows]),
+            "bytes": _mean_std([r["bytes"] for r in rows]),
+        }
+        if quick:
+            entry["quickdrop-speedup"] = _mean_std([r["seconds"] / q for r, q in zip(rows, quick)])
+        for key in ("mia", "kl-vs-retrain", "tug-of-war"):
+            if all(key in r for r in rows):
+                entry[key] = _mean_std([r[key] for r in rows])
+        if all("relearn" in r for r in rows):
+            entry["relearn-forget"] = _mean_std([r["relearn"]["forget-accuracy"] for r in rows])
+            entry["relearn-retain"] = _mean_std([r["relearn"]["retain-accuracy"] for r in rows])
+        summary[method] = entry
+    return summary
+
+
+METHOD_NAMES = {"retrain": "Retrain-Or", "sga": "SGA-Or", "federaser": "FedEraser", "fu-mp": "FU-MP",
+                "s2u": "S2U", "quickdrop": "QuickDrop"}
+
+
+def _cell(value: tuple[float, float], percent: bool = False, digits: int = 2) -> str:
+    mean, spread = value
+    if math.isnan(mean):
+        return "—"
+    scale = 100 if percent else 1
+    return f"{scale * mean:.{digits}f} ± {scale * spread:.{digits}f}" + (" %" if percent else "")
+
+
+def markdown(suite: Suite, report: dict[str, Any]) -> str:
+    """The suite's tables in Markdown."""
+    lines = [f"## {suite.title}", "", f"Command: `{report['command']}`  ", f"Machine: {report['machine']}  ",
+             f"Seeds: {report['seeds']}; settings: `{_config_text(report['settings'])}`", ""]
+    for variant, result in report["variants"].items():
+        if variant:
+            lines += [f"### {variant}", ""]
+        header = ("| method | F-Set after unlearning | F-Set | R-Set | seconds (unlearn + recover) | "
+                  "QuickDrop faster by | sample gradients | MB sent | MIA on forget set | ToW | KL vs Retrain-Or |")
+        lines += [header, "|" + " --- |" * 11]
+        for method, entry in result["summary"].items():
+            lines.append(
+                f"| {METHOD_NAMES[method]} | {_cell(entry['forget-after-unlearn'], True)} | "
+                f"{_cell(entry['forget'], True)} | {_cell(entry['retain'], True)} | {_cell(entry['seconds'])} | "
+                f"{_cell(entry.get('quickdrop-speedup', (math.nan, 0)), digits=1)}x | "
+                f"{_cell(entry['sample-gradients'], digits=0)} | "
+                f"{_cell((entry['bytes'][0] / 1e6, entry['bytes'][1] / 1e6))} | "
+                f"{_cell(entry.get('mia', (math.nan, 0)), True)} | {_cell(entry.get('tug-of-war', (math.nan, 0)), digits=3)} | "
+                f"{_cell(entry.get('kl-vs-retrain', (math.nan, 0)), digits=4)} |"
+            )
+        train = _mean_std([s["train-seconds"] for s in result["seeds"]])
+        lines += ["", f"Training (QuickDrop, with distillation): {_cell(train, digits=1)} s; "
+                      f"FedEraser's stored updates: {_cell(_mean_std([s['federaser-bytes'] / 1e6 for s in result['seeds']]))} MB "
+                      f"on the server; QuickDrop stores: "
+                      f"{_cell(_mean_std([sum(s['store-bytes']) / 1e6 for s in result['seeds']]))} MB over all clients.", ""]
+    return "\n".join(lines) + "\n"
+
+
+def plot(suite: Suite, report: dict[str, Any], path: Path) -> None:
+    """Bar charts of time (log scale) and F-Set / R-Set per method."""
+    import matplotlib  # pylint: disable=import-outside-toplevel
+
+    matplotlib.use("Agg")
+    from matplotlib import pyplot as plt  # pylint: disable=import-outside-toplevel
+
+    variants = list(report["variants"].items())
+    figure, axes = plt.subplots(len(variants), 2, figsize=(11, 3.6 * len(variants)), squeeze=False)
+    for row, (variant, result) in enumerate(variants):
+        names = [METHOD_NAMES[m] for m in result["summary"]]
+        entries = list(result["summary"].values())
+        axes[row][0].bar(names, [e["seconds"][0] for e in entries], yerr=[e["seconds"][1] for e in entries])
+        axes[row][0].set_yscale("log")
+        axes[row][0].set_ylabel("unlearn + recover (s)")
+        axes[row][0].set_title(f"{variant} time".strip())
+        positions = range(len(names))
+        axes[row][1].bar([p - 0.2 for p in positions], [100 * e["forget"][0] for e in entries], width=0.4,
+                         label="F-Set")
+        axes[row][1].bar([p + 0.2 for p in positions], [100 * e["retain"][0] for e in entries], width=0.4,
+                         label="R-Set")
+        axes[row][1].set_xticks(list(positions), names)
+        axes[row][1].set_ylabel("accuracy (%)")
+        axes[row][1].legend()
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run a suite and write its JSON, Markdown table and plot."""
+    parser = argparse.ArgumentParser(prog="python -m qd_app.bench", description=__doc__.split("\n\n")[0])
+    parser.add_argument("suite", choices=sorted(SUITES))
+    parser.add_argument("--quick", action="store_true", help="one seed")
+    parser.add_argument("--seeds", type=int, default=3, help="number of seeds (default 3)")
+    parser.add_argument("--out", type=Path, default=PROJECT / "bench" / "results", help="where results go")
+    parser.add_argument("--work", type=Path, default=None, help="scratch folder (default: <out>/../work)")
+    args = parser.parse_args(argv)
+    suite = SUITES[args.suite]
+    seeds = list(range(1 if args.quick else args.seeds))
+    work = (args.work or args.out.parent / "work").resolve() / suite.name
+    started = time.perf_counter()
+    report: dict[str, Any] = {
+        "suite": suite.name, "command": "python -m qd_app.bench " + " ".join(argv or sys.argv[1:]),
+        "machine": _machine(), "seeds": seeds, "settings": suite.settings, "variants": {},
+    }
+    with SimulationSuperLink(work / "flwrhome") as link:
+        for variant, overrides in suite.variants.items():
+            print(f"{suite.title} {variant}".strip(), flush=True)
+            results = [run_seed(link, suite, overrides, seed, work / (variant or "default") / f"seed-{seed}",
+                                suite.methods) for seed in seeds]
+            report["variants"][variant] = {"seeds": results, "summary": summarise(results, suite.methods)}
+    report["wall-seconds"] = time.perf_counter() - started
+    args.out.mkdir(parents=True, exist_ok=True)
+    name = suite.name + ("-quick" if args.quick else "")
+    (args.out / f"{name}.json").write_text(json.dumps(report, indent=1, default=str) + "\n")
+    (args.out / f"{name}.md").write_text(markdown(suite, report))
+    plot(suite, report, args.out / f"{name}.png")
+    print(f"wrote {args.out / name}.{{json,md,png}} after {report['wall-seconds'] / 60:.1f} min", flush=True)
+    return 0
+
+
+def _machine() -> str:
+    import os  # pylint: disable=import-outside-toplevel
+    import platform  # pylint: disable=import-outside-toplevel
+
+    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU"
+    return f"{platform.machine()}, {os.cpu_count()} cores, {gpu}, torch {torch.__version__}"
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,80 @@
+"""Unlearning metrics beyond accuracy (plain torch): membership inference, tug-of-war, divergence.
+
+- Population membership inference (as in SalUn and sparse-unlearning work): a
+  logistic regression on softmax confidence features learns retain-train samples
+  (members) against test samples (non-members); applied to the forget set, the
+  fraction it calls members says how much of it the model still "remembers".
+- Tug-of-war (ToW) against Retrain-Or: the product over forget, retain and test of
+  (1 - |acc - acc_retrain|); 1.0 is indistinguishable from retraining by accuracy.
+- Output divergence: mean KL(p_retrain || p_model) of the softmax outputs on the test set.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+
+def confidence_features(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Per sample: probability of the true class, largest probability, entropy, loss."""
+    probabilities = torch.softmax(logits.double(), dim=1)
+    true_class = probabilities[torch.arange(len(labels)), labels]
+    entropy = -(probabilities * torch.log(probabilities.clamp_min(1e-12))).sum(dim=1)
+    loss = -torch.log(true_class.clamp_min(1e-12))
+    return torch.stack([true_class, probabilities.max(dim=1).values, entropy, loss], dim=1)
+
+
+def fit_logistic_regression(features: torch.Tensor, targets: torch.Tensor, steps: int = 300):
+    """A standardised logistic regression fitted by L-BFGS; returns a predictor of P(target=1)."""
+    mean, std = features.mean(dim=0), features.std(dim=0).clamp_min(1e-8)
+    x = (features - mean) / std
+    weights = torch.zeros(x.shape[1], dtype=x.dtype, requires_grad=True)
+    bias = torch.zeros((), dtype=x.dtype, requires_grad=True)
+    optimizer = torch.optim.LBFGS([weights, bias], max_iter=steps, line_search_fn="strong_wolfe")
+
+    def closure():
+        optimizer.zero_grad()
+        loss = torch.nn.functional.binary_cross_entropy_with_logits(x @ weights + bias, targets.to(x.dtype))
+        loss = loss + 1e-4 * weights.pow(2).sum()
+        loss.backward()
+        return loss
+
+    optimizer.step(closure)
+    weights, bias = weights.detach(), bias.detach()
+    return lambda f: torch.sigmoid(((f - mean) / std) @ weights + bias)
+
+
+def membership_inference(
+    members: tuple[torch.Tensor, torch.Tensor],
+    non_members: tuple[torch.Tensor, torch.Tensor],
+    targets: tuple[torch.Tensor, torch.Tensor],
+    seed: int = 0,
+) -> float:
+    """Fraction of ``targets`` (logits, labels) that an attack trained on members vs non-members calls members.
+
+    The attack is trained on equally many members and non-members (the larger group
+    is subsampled with ``seed``).
+    """
+    member_features = confidence_features(*members)
+    non_member_features = confidence_features(*non_members)
+    size = min(len(member_features), len(non_member_features))
+    generator = torch.Generator().manual_seed(seed)
+    member_features = member_features[torch.randperm(len(member_features), generator=generator)[:size]]
+    non_member_features = non_member_features[torch.randperm(len(non_member_features), generator=generator)[:size]]
+    features = torch.cat([member_features, non_member_features])
+    labels = torch.cat([torch.ones(size), torch.zeros(size)])
+    predict = fit_logistic_regression(features, labels)
+    return float((predict(confidence_features(*targets)) > 0.5).double().mean()) if len(targets[1]) else math.nan
+
+
+def tug_of_war(accuracies: dict[str, float], retrain_accuracies: dict[str, float]) -> float:
+    """Prod over forget, retain and test of (1 - |acc - acc_retrain|), accuracies as fractions."""
+    return math.prod(1.0 - abs(accuracies[key] - retrain_accuracies[key]) for key in ("forget", "retain", "test"))
+
+
+def output_kl(logits: torch.Tensor, retrain_logits: torch.Tensor) -> float:
+    """Mean KL(p_retrain || p_model) over samples."""
+    log_p = torch.log_softmax(logits.double(), dim=1)
+    log_q = torch.log_softmax(retrain_logits.double(), dim=1)
+    return float((log_q.exp() * (log_q - log_p)).sum(dim=1).mean())

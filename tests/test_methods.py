@@ -1,0 +1,94 @@
+"""Every unlearning method in process, from one trained model, and what each refuses."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from test_apps import run_server, tiny_run_config
+
+from qd_app.errors import RequestError
+
+STAGES = {
+    "quickdrop": ["unlearn", "recover"],
+    "sga": ["unlearn", "recover"],
+    "retrain": ["retrain"],
+    "federaser": ["unlearn", "recover"],
+    "fu-mp": ["unlearn", "recover"],
+}
+
+
+@pytest.fixture(scope="module")
+def trained(tiny_mnist_dir, tmp_path_factory):
+    """One trained experiment (stores and FedEraser history included) to copy per method."""
+    root = tmp_path_factory.mktemp("trained")
+    config = tiny_run_config(tiny_mnist_dir, root, **{"federaser-interval": 1, "num-server-rounds": 3,
+                                                      "unlearn-lr": 0.5, "scale": 10})
+    run_server(config)
+    return root, config
+
+
+def copy_of(trained, tmp_path: Path) -> dict:
+    root, config = trained
+    shutil.copytree(root / "tiny", tmp_path / "tiny")
+    return {**config, "output-dir": str(tmp_path), "store-dir": str(root / "stores")}
+
+
+@pytest.mark.parametrize("method", sorted(STAGES))
+def test_every_class_level_method_serves_the_request_from_the_trained_model(trained, tmp_path, method):
+    config = copy_of(trained, tmp_path)
+    grid = run_server({**config, "phase": "unlearn", "method": method, "forget-class": "3"})
+    results = json.loads((tmp_path / "tiny" / "results.json").read_text())
+    assert [s["name"] for s in results["stages"] if s["run"] == 1] == STAGES[method]
+    [request] = results["requests"]
+    assert request["label"] == "class 3" and request["total-seconds"] > 0
+    assert all(s["bytes"] > 0 for s in results["stages"] if s["run"] == 1)
+    final = request[f"after-{STAGES[method][-1]}"]
+    if method != "fu-mp":  # channel pruning need not forget a class of this tiny model (see README)
+        assert final["forget-accuracy"] < request["before"]["forget-accuracy"]
+    trained_messages = [m for m in grid.sent if m.metadata.message_type == "train"]
+    if method == "retrain":
+        assert len(trained_messages) == 3 * 3  # the training stage's rounds, every client
+        assert {tuple(m.content["config"]["exclude-classes"]) for m in trained_messages} == {(3,)}
+    if method == "federaser":
+        assert len(trained_messages) == 3 * 3  # one calibration round per stored round
+    if method == "fu-mp":
+        assert any(m.metadata.message_type == "query.channel_stats" for m in grid.sent)
+        state = torch.load(tmp_path / "tiny" / "model.pt")["state-dict"]
+        zero_channels = (state["features.0.weight"].flatten(1).abs().sum(1) == 0).sum()
+        assert zero_channels == 1  # ceil(0.1 * width 8) pruned in the first layer, held at zero by recovery
+
+
+def test_s2u_forgets_a_client_in_one_phase(trained, tmp_path):
+    config = copy_of(trained, tmp_path)
+    grid = run_server({**config, "phase": "unlearn", "method": "s2u", "forget-class": "", "forget-client": "1"})
+    results = json.loads((tmp_path / "tiny" / "results.json").read_text())
+    assert [s["name"] for s in results["stages"] if s["run"] == 1] == ["s2u"]
+    rounds = {m.content["config"]["server-round"] for m in grid.sent if m.metadata.message_type == "train"}
+    assert rounds == {1, 2, 3}  # one unlearning round + recover-rounds
+
+
+@pytest.mark.parametrize(
+    ("settings", "message"),
+    [
+        ({"method": "fu-mp", "forget-class": "", "forget-client": "1"}, "fu-mp unlearns classes only"),
+        ({"method": "s2u", "forget-class": "3"}, "s2u unlearns clients only"),
+    ],
+)
+def test_methods_refuse_requests_they_cannot_serve(trained, tmp_path, settings, message):
+    config = copy_of(trained, tmp_path)
+    with pytest.raises(RequestError, match=message):
+        run_server({**config, "phase": "unlearn", **settings})
+
+
+def test_fu_mp_cannot_relearn_and_federaser_needs_its_history(trained, tmp_path):
+    config = copy_of(trained, tmp_path)
+    run_server({**config, "phase": "unlearn", "method": "fu-mp", "forget-class": "3"})
+    with pytest.raises(RequestError, match="fu-mp cannot relearn"):
+        run_server({**config, "phase": "relearn", "method": "fu-mp", "forget-class": ""})
+    shutil.rmtree(tmp_path / "tiny" / "federaser")
+    with pytest.raises(RequestError, match="federaser needs the client updates recorded during training"):
+        run_server({**config, "phase": "unlearn", "method": "federaser", "forget-class": "4"})
