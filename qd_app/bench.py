@@ -1,6 +1,6 @@
 """Benchmark: every unlearning method from the same trained model, side by side.
 
-    python -m qd_app.bench <suite> [--quick] [--seeds N] [--out DIR]
+    python -m qd_app.bench <suite> [--quick] [--seeds N] [--set KEY=VALUE ...] [--out DIR]
 
 Each suite drives the real app with ``flwr run`` against a private simulation
 SuperLink (:mod:`qd_app.local_federation`). Per seed it trains once (QuickDrop
@@ -21,7 +21,8 @@ import shutil
 import statistics
 import sys
 import time
-from dataclasses import dataclass, field
+import tomllib
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +30,7 @@ import torch
 
 from .config import RunConfig
 from .data import evaluation_split, load_split, partition_indices
+from .errors import UserFacingError
 from .local_federation import PROJECT, SimulationSuperLink
 from .metrics import membership_inference, output_kl, tug_of_war
 from .models import ModelSpec, build_model
@@ -305,10 +307,19 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("suite", choices=sorted(SUITES))
     parser.add_argument("--quick", action="store_true", help="one seed")
     parser.add_argument("--seeds", type=int, default=3, help="number of seeds (default 3)")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", type=_setting,
+                        help="override a run-config setting of the suite (TOML value), e.g. --set model-width=128")
     parser.add_argument("--out", type=Path, default=PROJECT / "bench" / "results", help="where results go")
     parser.add_argument("--work", type=Path, default=None, help="scratch folder (default: <out>/../work)")
     args = parser.parse_args(argv)
     suite = SUITES[args.suite]
+    if args.set:
+        overrides = dict(args.set)
+        try:  # a bad value stops here, before any run
+            RunConfig.from_run_config({**suite.settings, **overrides})
+        except UserFacingError as exc:
+            parser.error(str(exc))
+        suite = replace(suite, settings={**suite.settings, **overrides})
     seeds = list(range(1 if args.quick else args.seeds))
     work = (args.work or args.out.parent / "work").resolve() / suite.name
     started = time.perf_counter()
@@ -330,6 +341,17 @@ def main(argv: list[str] | None = None) -> int:
     plot(suite, report, args.out / f"{name}.png")
     print(f"wrote {args.out / name}.{{json,md,png}} after {report['wall-seconds'] / 60:.1f} min", flush=True)
     return 0
+
+
+def _setting(text: str) -> tuple[str, Any]:
+    """``KEY=VALUE`` with a TOML value (a bare word is taken as a string)."""
+    key, sep, value = text.partition("=")
+    if not sep or not key:
+        raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {text!r}")
+    try:
+        return key, tomllib.loads(f"v = {value}")["v"]
+    except tomllib.TOMLDecodeError:
+        return key, value
 
 
 def _machine() -> str:

@@ -105,6 +105,7 @@ class StageStrategy(FedAvg):
         self.bytes_received = 0
         self.last_metrics: dict[int, MetricRecord] = {}
         self._round_started = 0.0
+        self._round = 0
 
     def select_nodes(self, server_round: int, grid: Grid) -> list[int]:  # pylint: disable=unused-argument
         """Nodes that take part in this round: the participants, or a ``fraction_train`` sample."""
@@ -119,6 +120,7 @@ class StageStrategy(FedAvg):
     ) -> Iterable[Message]:
         """Send the current model and the stage settings to the selected nodes."""
         self._round_started = time.perf_counter()
+        self._round = server_round
         node_ids = self.select_nodes(server_round, grid)
         log(INFO, "%s round %s: %s nodes", self.stage_name, server_round, len(node_ids))
         round_config = ConfigRecord({**dict(config), **self.stage_config, "server-round": server_round})
@@ -159,7 +161,9 @@ class StageStrategy(FedAvg):
 
     def finish_round(self) -> None:
         """Add the round's wall time (since :meth:`configure_train`) to :attr:`seconds`."""
-        self.seconds += time.perf_counter() - self._round_started
+        seconds = time.perf_counter() - self._round_started
+        self.seconds += seconds
+        log(INFO, "%s round %s took %.1f s", self.stage_name, self._round, seconds)
 
 
 class TrainingStrategy(StageStrategy):
