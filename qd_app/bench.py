@@ -172,7 +172,7 @@ def _model_metrics(config: RunConfig, suite: Suite, model_files: dict[str, Path]
 def run_seed(link: SimulationSuperLink, suite: Suite, variant: dict[str, Any], seed: int, work: Path,
              methods: tuple[str, ...]) -> dict[str, Any]:
     """Train once, then every method from a copy of the trained experiment."""
-    base = {**suite.settings, **variant, "seed": seed, "store-dir": str(work / "stores")}
+    base = {**suite.settings, **variant, "seed": seed, "experiment": EXPERIMENT, "store-dir": str(work / "stores")}
     trained = work / "train"
     _run(link, {**base, "phase": "train", "output-dir": str(trained)}, f"seed {seed}: training")
     rows, model_files = {}, {}
