@@ -107,11 +107,18 @@ def _method_row(results: dict[str, Any], relearn: bool) -> dict[str, Any]:
     }
     final = list(row["after"].values())[-1]
     row["forget"], row["retain"] = final["forget-accuracy"], final["retain-accuracy"]
+    row["requests"] = [_request_row(r) for r in requests if r["action"] == "unlearn"]
     if relearn:
         relearned = next(r for r in requests if r["action"] == "relearn")
         row["relearn"] = relearned["after-relearn"]
         row["relearn-seconds"] = relearned["total-seconds"]
     return row
+
+
+def _request_row(request: dict[str, Any]) -> dict[str, Any]:
+    """F-Set / R-Set before and after each stage, and seconds, of one request (sequential suites)."""
+    return {"label": request["label"], "seconds": request["total-seconds"], "before": request["before"],
+            **{key: value for key, value in request.items() if key.startswith("after-")}}
 
 
 def _logits(config: RunConfig, model_file: Path, images: torch.Tensor) -> torch.Tensor:
@@ -264,12 +271,36 @@ def markdown(suite: Suite, report: dict[str, Any]) -> str:
                 f"{_cell(entry.get('mia', (math.nan, 0)), True)} | {_cell(entry.get('tug-of-war', (math.nan, 0)), digits=3)} | "
                 f"{_cell(entry.get('kl-vs-retrain', (math.nan, 0)), digits=4)} |"
             )
+        lines += _request_lines(result["seeds"])
         train = _mean_std([s["train-seconds"] for s in result["seeds"]])
         lines += ["", f"Training (QuickDrop, with distillation): {_cell(train, digits=1)} s; "
                       f"FedEraser's stored updates: {_cell(_mean_std([s['federaser-bytes'] / 1e6 for s in result['seeds']]))} MB "
                       f"on the server; QuickDrop stores: "
                       f"{_cell(_mean_std([sum(s['store-bytes']) / 1e6 for s in result['seeds']]))} MB over all clients.", ""]
     return "\n".join(lines) + "\n"
+
+
+def _request_lines(seeds: list[dict[str, Any]]) -> list[str]:
+    """Per-request table (mean ± spread over seeds) for methods that served several requests."""
+    lines = []
+    for method in seeds[0]["methods"]:
+        per_seed = [seed["methods"][method]["requests"] for seed in seeds]
+        if len(per_seed[0]) < 2:
+            continue
+        lines += ["", f"{METHOD_NAMES[method]}, request by request:", "",
+                  "| request | F-Set before | F-Set after unlearning | F-Set after recovery | R-Set before | "
+                  "R-Set after recovery | seconds |", "|" + " --- |" * 7]
+        for index, first in enumerate(per_seed[0]):
+            rows = [requests[index] for requests in per_seed if index < len(requests)]
+
+            def split(stage: str, key: str, rows=rows) -> str:
+                return _cell(_mean_std([(r.get(stage) or {}).get(key) for r in rows]), True)
+
+            lines.append(f"| {first['label']} | {split('before', 'forget-accuracy')} | "
+                         f"{split('after-unlearn', 'forget-accuracy')} | {split('after-recover', 'forget-accuracy')} | "
+                         f"{split('before', 'retain-accuracy')} | {split('after-recover', 'retain-accuracy')} | "
+                         f"{_cell(_mean_std([r['seconds'] for r in rows]))} |")
+    return lines
 
 
 def plot(suite: Suite, report: dict[str, Any], path: Path) -> None:

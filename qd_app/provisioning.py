@@ -92,6 +92,7 @@ def ensure_dataset(layout: DatasetLayout, data_dir: Path) -> None:
     DatasetUnavailableError
         If ``data_dir`` cannot be created, or no source could provide the files.
     """
+    data_dir = data_dir.absolute()  # fetchers run tools in other working directories
     try:
         data_dir.mkdir(parents=True, exist_ok=True)
     except OSError as exc:

@@ -9,8 +9,10 @@ from qd_app.bench import SUITES, markdown, plot, summarise
 
 def row(seconds: float, forget: float, retain: float) -> dict:
     split = {"forget-accuracy": forget, "retain-accuracy": retain}
+    request = {"label": "class 9", "seconds": seconds, "before": {"forget-accuracy": 0.98, "retain-accuracy": 0.98},
+               "after-unlearn": split, "after-recover": split}
     return {"seconds": seconds, "forget": forget, "retain": retain, "sample-gradients": 100, "bytes": 2e6,
-            "after": {"unlearn": split, "recover": split}, "mia": 0.01}
+            "after": {"unlearn": split, "recover": split}, "mia": 0.01, "requests": [request]}
 
 
 def seeds() -> list[dict]:
@@ -39,3 +41,17 @@ def test_markdown_table_and_plot(tmp_path):
     assert "| QuickDrop |" in table and "Command: `python -m qd_app.bench class-level`" in table
     plot(suite, report, tmp_path / "plot.png")
     assert (tmp_path / "plot.png").stat().st_size > 1000
+
+
+def test_a_sequence_of_requests_gets_a_table_row_per_request():
+    suite = SUITES["sequential"]
+    per_seed = seeds()
+    for seed in per_seed:
+        first = seed["methods"]["quickdrop"]["requests"][0]
+        seed["methods"]["quickdrop"]["requests"] = [first, {**first, "label": "class 3", "after-recover": None}]
+    report = {"command": "c", "machine": "m", "seeds": [0, 1], "settings": suite.settings,
+              "variants": {"": {"seeds": per_seed, "summary": summarise(per_seed, ("retrain", "quickdrop"))}}}
+    table = markdown(suite, report)
+    assert "QuickDrop, request by request:" in table and "Retrain-Or, request by request:" not in table
+    assert "| class 9 | 98.00 ± 0.00 % | 1.00 ± 0.00 % | 1.00 ± 0.00 % | 98.00 ± 0.00 % | 97.00 ± 0.00 % |" in table
+    assert "| class 3 | 98.00 ± 0.00 % | 1.00 ± 0.00 % | — | 98.00 ± 0.00 % | — |" in table
