@@ -181,7 +181,7 @@ def run_seed(link: SimulationSuperLink, suite: Suite, variant: dict[str, Any], s
     """Train once, then every method from a copy of the trained experiment."""
     base = {**suite.settings, **variant, "seed": seed, "experiment": EXPERIMENT, "store-dir": str(work / "stores")}
     trained = work / "train"
-    _run(link, {**base, "phase": "train", "output-dir": str(trained)}, f"seed {seed}: training")
+    training = _run(link, {**base, "phase": "train", "output-dir": str(trained)}, f"seed {seed}: training")
     rows, model_files = {}, {}
     for method in methods:
         output = work / method
@@ -194,7 +194,6 @@ def run_seed(link: SimulationSuperLink, suite: Suite, variant: dict[str, Any], s
                            f"seed {seed}: {method} relearning")
         rows[method] = _method_row(results, suite.relearn)
         model_files[method] = output / EXPERIMENT / CHECKPOINT_FILE
-    training = _load_results(trained)
     config = RunConfig.from_run_config(base)
     if not suite.relearn and "retrain" in methods:
         for method, extra in _model_metrics(config, suite, model_files).items():

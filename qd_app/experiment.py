@@ -188,9 +188,10 @@ class Experiment:  # pylint: disable=too-many-instance-attributes
             if self.config.phase == "all" and not self.config.federaser_interval:
                 raise RequestError("method federaser needs the client updates recorded during training: "
                                    "set federaser-interval (e.g. 2)")
-            if self.config.phase != "all" and not self.history().rounds():
+            history = self.history()
+            if self.config.phase != "all" and not history.rounds():
                 raise RequestError(f"method federaser needs the client updates recorded during training, and "
-                                   f"{self.history().folder} has none: train with federaser-interval (e.g. 2)")
+                                   f"{history.folder} has none: train with federaser-interval (e.g. 2)")
 
     def _check_action(self, action: str, request: UnlearningRequest, state: Forgotten) -> None:
         self._check_method(action, request)
@@ -400,10 +401,10 @@ class Experiment:  # pylint: disable=too-many-instance-attributes
         config, federation = self.config, self.federation
         method = config.method
         retained = self._training_participants(after)
-        original = "original" if method != "quickdrop" else "synthetic"
+        data = self._stage_data
         recover = StagePlan(
             lambda: RecoverStrategy(federation, participants=retained, exclude_classes=sorted(after.classes),
-                                    data=original, **self._stage_settings("recover")),
+                                    data=data, **self._stage_settings("recover")),
             config.recover_rounds if retained else 0,
         )
         if method in ("quickdrop", "sga"):
@@ -412,7 +413,7 @@ class Experiment:  # pylint: disable=too-many-instance-attributes
                 lambda: UnlearnStrategy(
                     federation, participants=self._unlearn_participants(request, state),
                     forget_classes=list(request.targets) if request.kind == "class" else None,
-                    data=original, **self._stage_settings("unlearn", epochs)),
+                    data=data, **self._stage_settings("unlearn", epochs)),
                 config.unlearn_rounds if request.kind == "class" else 1,
             )
             return [unlearn, recover]
@@ -425,13 +426,13 @@ class Experiment:  # pylint: disable=too-many-instance-attributes
             )]
         if method == "federaser":
             history = self.history()
-            first = history.rounds()[0]
+            stored_rounds = history.rounds()
             calibration = StagePlan(
                 lambda: FedEraserCalibration(
                     federation, history=history, participants=retained, exclude_classes=sorted(after.classes),
                     **{**self._training_settings(), "epochs": math.ceil(config.federaser_ratio * config.local_epochs)}),
-                len(history.rounds()),
-                start=lambda _: ArrayRecord(history.load(first)["global"]),
+                len(stored_rounds),
+                start=lambda _: ArrayRecord(history.load(stored_rounds[0])["global"]),
             )
             return [calibration, recover]
         if method == "fu-mp":
@@ -440,7 +441,7 @@ class Experiment:  # pylint: disable=too-many-instance-attributes
                                   forget_classes=list(request.targets), prune_fraction=config.prune_fraction)
             recovery = StagePlan(
                 lambda: PrunedRecovery(federation, participants=retained, exclude_classes=sorted(after.classes),
-                                       layers=pruning.layers, pruned=pruning.pruned, data=original,
+                                       layers=pruning.layers, pruned=pruning.pruned, data=data,
                                        **self._stage_settings("recover")),
                 recover.rounds,
             )
@@ -453,13 +454,19 @@ class Experiment:  # pylint: disable=too-many-instance-attributes
             1 + config.recover_rounds,
         )]
 
+    @property
+    def _stage_data(self) -> str:
+        """What the clients' stages draw from: their synthetic stores (QuickDrop) or their
+        original data (the baselines)."""
+        return "synthetic" if self.config.method == "quickdrop" else "original"
+
     def _relearn_stage(self, request: UnlearningRequest, after: Forgotten) -> StagePlan:
         return StagePlan(
             lambda: RelearnStrategy(
                 self.federation, participants=self._training_participants(after),
                 exclude_classes=sorted(after.classes),
                 relearn_classes=list(request.targets) if request.kind == "class" else [],
-                data="synthetic" if self.config.method == "quickdrop" else "original",
+                data=self._stage_data,
                 **self._stage_settings("relearn")),
             self.config.relearn_rounds,
         )
