@@ -8,10 +8,11 @@
   every ``dt`` rounds of training; :class:`FedEraserCalibration` rebuilds the model
   from the stored rounds, each retained client training ``ceil(r * E)`` local epochs
   from the rebuilt model and its new update taking the norm of its stored one.
-- FU-MP (Wang et al. 2022): clients report per-class mean activations of every conv
-  channel; :class:`FUMPPruning` scores channels by TF-IDF for the forget classes and
+- FU-MP (Wang et al. 2022): clients report per-class mean activations of the prunable
+  units (``prune-target``: the classifier's input features, or every conv channel as in
+  the paper); :class:`FUMPPruning` scores them by TF-IDF for the forget classes and
   zeroes the highest-scoring ``prune-fraction`` of each layer; :class:`PrunedRecovery`
-  recovers with the pruned channels held at zero. Class-level only; no relearning.
+  recovers with the pruned units held at zero. Class-level only; no relearning.
 - S2U (:class:`S2UStrategy`): client-level only; FedAvg rounds in which the forgotten
   client's aggregation weight is scaled down by ``s2u-scale`` and the others' scaled up
   (the weights are renormalised to sum to 1); unlearning and recovery in one phase.
@@ -21,6 +22,7 @@ from __future__ import annotations
 
 import io
 import math
+from dataclasses import dataclass
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -154,58 +156,89 @@ class FedEraserCalibration(StageStrategy):
 
 
 # --------------------------------------------------------------------------- FU-MP
-def conv_channel_parameters(model: nn.Module) -> list[tuple[nn.Module, list[str]]]:
-    """For every conv layer, its ReLU module and the parameter names indexed by its output
-    channel (conv weight and bias, and the affine parameters of the norm that follows)."""
+@dataclass(frozen=True)
+class PrunableLayer:
+    """A layer of units that FU-MP scores and prunes.
+
+    ``module`` names where the units' activations are read: for conv channels the ReLU
+    after the conv (one unit per channel, its spatial mean); for features the
+    classifier (one unit per input feature, read from its input). ``parameters`` are
+    the ``(parameter name, dimension)`` slices that carry the units and are zeroed with
+    them.
+    """
+
+    module: str
+    per_channel: bool
+    parameters: tuple[tuple[str, int], ...]
+
+    def activations(self, module_input: torch.Tensor, module_output: torch.Tensor) -> torch.Tensor:
+        """``(batch, units)`` activations of this layer's units."""
+        return module_output.mean(dim=(2, 3)) if self.per_channel else module_input.flatten(1)
+
+    def width(self, model: nn.Module) -> int:
+        """Number of units."""
+        name, dim = self.parameters[0]
+        return model.get_parameter(name).shape[dim]
+
+
+def prunable_layers(model: nn.Module, target: str) -> list[PrunableLayer]:
+    """The units FU-MP works on (``prune-target``).
+
+    ``channels`` (the FU-MP paper's): every conv layer's output channels, with the norm's
+    affine parameters that follow. ``features``: the inputs of the last linear layer (the
+    last block's pooled feature map, channel x position); on an instance-norm ConvNet
+    each channel's spatial mean is pinned by the norm, so channel means barely tell
+    classes apart, while these units do.
+    """
     modules = list(model.named_modules())
+    if target == "features":
+        name = [name for name, module in modules if isinstance(module, nn.Linear)][-1]
+        return [PrunableLayer(name, False, ((f"{name}.weight", 1),))]
     layers = []
     for index, (name, module) in enumerate(modules):
         if not isinstance(module, nn.Conv2d):
             continue
-        names = [f"{name}.weight", f"{name}.bias"]
-        relu = None
+        parameters = [(f"{name}.weight", 0), (f"{name}.bias", 0)]
         for follower_name, follower in modules[index + 1:]:
             if isinstance(follower, (nn.GroupNorm, nn.BatchNorm2d)) and follower.affine:
-                names += [f"{follower_name}.weight", f"{follower_name}.bias"]
+                parameters += [(f"{follower_name}.weight", 0), (f"{follower_name}.bias", 0)]
             if isinstance(follower, nn.ReLU):
-                relu = follower
+                layers.append(PrunableLayer(follower_name, True, tuple(parameters)))
                 break
-        layers.append((relu, names))
     return layers
 
 
 @torch.no_grad()
-def channel_statistics(model: nn.Module, data: LabeledImages, num_classes: int, batch_size: int,
-                       device: torch.device) -> tuple[list[torch.Tensor], torch.Tensor]:
-    """Per conv layer, the per-class sum over samples of each channel's mean post-ReLU
-    activation (``(K, C)``), and the per-class sample counts."""
+def activation_statistics(model: nn.Module, layers: list[PrunableLayer], data: LabeledImages, num_classes: int,
+                          batch_size: int, device: torch.device) -> tuple[list[torch.Tensor], torch.Tensor]:
+    """Per layer, the per-class sum over samples of every unit's (post-ReLU) activation
+    (``(K, units)``), and the per-class sample counts."""
     model.eval()
-    layers = conv_channel_parameters(model)
-    sums = [None] * len(layers)
+    modules = dict(model.named_modules())
     captured: list[torch.Tensor] = []
-    hooks = [relu.register_forward_hook(lambda _m, _i, out: captured.append(out.mean(dim=(2, 3))))
-             for relu, _ in layers]
+    hooks = [modules[layer.module].register_forward_hook(
+        lambda _m, inputs, output, layer=layer: captured.append(layer.activations(inputs[0], output)))
+        for layer in layers]
+    sums: list[torch.Tensor | None] = [None] * len(layers)
     try:
         for start in range(0, len(data), batch_size):
-            images = data.images[start:start + batch_size].to(device)
             labels = data.labels[start:start + batch_size].to(device)
             captured.clear()
-            model(images)
+            model(data.images[start:start + batch_size].to(device))
             one_hot = nn.functional.one_hot(labels, num_classes).double()
-            for layer, activations in enumerate(captured):
+            for index, activations in enumerate(captured):
                 batch_sum = one_hot.T @ activations.double()
-                sums[layer] = batch_sum if sums[layer] is None else sums[layer] + batch_sum
+                sums[index] = batch_sum if sums[index] is None else sums[index] + batch_sum
     finally:
         for hook in hooks:
             hook.remove()
-    widths = [model.get_parameter(names[0]).shape[0] for _, names in layers]
-    sums = [s.cpu() if s is not None else torch.zeros(num_classes, w, dtype=torch.float64)
-            for s, w in zip(sums, widths)]
+    sums = [s.cpu() if s is not None else torch.zeros(num_classes, layer.width(model), dtype=torch.float64)
+            for s, layer in zip(sums, layers)]
     return sums, torch.bincount(data.labels, minlength=num_classes).double()
 
 
 def tf_idf_scores(class_means: torch.Tensor, targets: list[int]) -> torch.Tensor:
-    """FU-MP's channel scores for the target classes, summed over them.
+    """FU-MP's unit scores for the target classes, summed over them (``class_means``: ``(K, units)``).
 
     TF_j = A_t,j / sum_j A_t,j;  IDF_j = log(K / (1 + #{c : A_c,j >= mean_c A_c,j})).
     """
@@ -219,46 +252,47 @@ def tf_idf_scores(class_means: torch.Tensor, targets: list[int]) -> torch.Tensor
     return scores
 
 
-def prune(state: StateDict, layers: list[list[str]], channels: list[list[int]]) -> StateDict:
-    """Zero the parameters of the given output channels of every layer."""
+def prune(state: StateDict, layers: list[PrunableLayer], units: list[list[int]]) -> StateDict:
+    """Zero the parameter slices of the given units of every layer."""
     pruned = {key: value.clone() for key, value in state.items()}
-    for names, indices in zip(layers, channels):
-        for name in names:
-            pruned[name][indices] = 0
+    for layer, indices in zip(layers, units):
+        for name, dim in layer.parameters:
+            pruned[name].index_fill_(dim, torch.tensor(indices, dtype=torch.long), 0)
     return pruned
 
 
 class FUMPPruning(StageStrategy):
-    """FU-MP's unlearning: one round of channel statistics from the clients, then pruning.
+    """FU-MP's unlearning: one round of activation statistics from the clients, then pruning.
 
-    The clients (``query.channel_stats``) return per-class activation sums of every
-    conv channel on their data; the server averages them, scores channels by TF-IDF for
-    the forget classes and zeroes the top ``prune_fraction`` of each layer. The pruned
-    channels are kept in :attr:`pruned` for :class:`PrunedRecovery`.
+    The clients (``query.activation_stats``) return per-class activation sums of every
+    unit of :func:`prunable_layers` (``prune_target``) on their data; the server averages
+    them, scores the units by TF-IDF for the forget classes and zeroes the top
+    ``prune_fraction`` of each layer. The pruned units are kept in :attr:`pruned` for
+    :class:`PrunedRecovery`.
     """
 
     stage_name = "unlearn"
-    message_type = f"{MessageType.QUERY}.channel_stats"
+    message_type = f"{MessageType.QUERY}.activation_stats"
 
     def __init__(self, federation: Federation, *, model: nn.Module, forget_classes: list[int],
-                 prune_fraction: float, **kwargs) -> None:
+                 prune_fraction: float, prune_target: str, **kwargs) -> None:
         super().__init__(federation, **kwargs)
         self.model = model
         self.forget_classes = list(forget_classes)
         self.prune_fraction = prune_fraction
-        self.layers = [names for _, names in conv_channel_parameters(model)]
+        self.layers = prunable_layers(model, prune_target)
         self.pruned: list[list[int]] = []
         self._arrays: ArrayRecord | None = None
 
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
                         grid: Grid) -> Iterable[Message]:
-        """Ask the clients for their channel statistics under the current model."""
+        """Ask the clients for their activation statistics under the current model."""
         self._arrays = arrays
         return super().configure_train(server_round, arrays, config, grid)
 
     def aggregate_train(self, server_round: int, replies: Iterable[Message]) -> tuple[ArrayRecord | None,
                                                                                       MetricRecord | None]:
-        """Average the statistics, score the channels and return the pruned model."""
+        """Average the statistics, score the units and return the pruned model."""
         sums = None
         counts = None
         for reply in self._account(server_round, replies):
@@ -280,16 +314,16 @@ class FUMPPruning(StageStrategy):
 
 
 class PrunedRecovery(RecoverStrategy):
-    """Recovery that holds FU-MP's pruned channels at zero after every aggregation."""
+    """Recovery that holds FU-MP's pruned units at zero after every aggregation."""
 
-    def __init__(self, federation: Federation, *, layers: list[list[str]], pruned: list[list[int]],
+    def __init__(self, federation: Federation, *, layers: list[PrunableLayer], pruned: list[list[int]],
                  **kwargs) -> None:
         super().__init__(federation, **kwargs)
         self.layers, self.pruned = layers, pruned
 
     def aggregate_train(self, server_round: int, replies: Iterable[Message]) -> tuple[ArrayRecord | None,
                                                                                       MetricRecord | None]:
-        """FedAvg, then zero the pruned channels again."""
+        """FedAvg, then zero the pruned units again."""
         arrays, metrics = super().aggregate_train(server_round, replies)
         if arrays is None:
             return None, metrics

@@ -43,12 +43,12 @@ def query(msg: Message, context: Context) -> Message:
     return Message(RecordDict({"inventory": client_tasks.inventory(client)}), reply_to=msg)
 
 
-@app.query("channel_stats")
+@app.query("activation_stats")
 @replies_errors
-def query_channel_stats(msg: Message, context: Context) -> Message:
-    """FU-MP: report per-class channel activation statistics of the received model."""
+def query_activation_stats(msg: Message, context: Context) -> Message:
+    """FU-MP: report per-class activation statistics of the received model's prunable units."""
     client = ClientRun.from_context(context)
-    statistics = client_tasks.channel_stats(client, msg.content["arrays"])
+    statistics = client_tasks.activation_stats(client, msg.content["arrays"])
     return Message(RecordDict({"statistics": statistics}), reply_to=msg)
 
 

@@ -21,7 +21,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, MetricRecord
 from flwr.common import log
 from torch import nn
 
-from .baselines import channel_statistics
+from .baselines import activation_statistics, prunable_layers
 from .config import NodeSettings, RunConfig
 from .data import LabeledImages, client_train_data, dataset_spec
 from .distillation import SyntheticSet, finetune_synthetic, initial_synthetic_set, train_with_distillation
@@ -253,11 +253,12 @@ def train_on_store(client: ClientRun, arrays: ArrayRecord, config: ConfigRecord)
     return _reply(model, len(data), stats)
 
 
-def channel_stats(client: ClientRun, arrays: ArrayRecord) -> MetricRecord:
-    """FU-MP: per-class sums of every conv channel's mean activation on the client's data."""
+def activation_stats(client: ClientRun, arrays: ArrayRecord) -> MetricRecord:
+    """FU-MP: per-class sums of the prunable units' activations on the client's data."""
     data = client.train_data
-    sums, counts = channel_statistics(client.model(arrays), data, client.num_classes,
-                                      client.config.eval_batch_size, client.device)
+    model = client.model(arrays)
+    sums, counts = activation_statistics(model, prunable_layers(model, client.config.prune_target), data,
+                                         client.num_classes, client.config.eval_batch_size, client.device)
     layers = {f"layer-{index}": layer.flatten().tolist() for index, layer in enumerate(sums)}
     return MetricRecord({NUM_EXAMPLES: len(data), SAMPLE_GRADIENTS: 0, "counts": counts.tolist(), **layers})
 

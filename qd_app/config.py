@@ -27,6 +27,7 @@ METHODS = ("quickdrop", "retrain", "sga", "federaser", "fu-mp", "s2u")
 MODEL_NAMES = ("convnet",)
 MODEL_NORMS = ("instance", "batch", "none")
 MODEL_POOLINGS = ("avg", "max", "none")
+PRUNE_TARGETS = ("features", "channels")
 _EXPERIMENT_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 _DEVICE_PATTERN = re.compile(r"^(auto|cpu|cuda(:\d+)?)$")
 
@@ -105,6 +106,7 @@ class RunConfig:  # pylint: disable=too-many-instance-attributes
     federaser_interval: int = 0
     federaser_ratio: float = 0.5
     prune_fraction: float = 0.1
+    prune_target: str = "features"
     s2u_scale: float = 0.1
 
     def __post_init__(self) -> None:
@@ -122,6 +124,7 @@ class RunConfig:  # pylint: disable=too-many-instance-attributes
             "model": MODEL_NAMES,
             "model-norm": MODEL_NORMS,
             "model-pooling": MODEL_POOLINGS,
+            "prune-target": PRUNE_TARGETS,
         }
         for key, allowed in choices.items():
             value = getattr(self, _field_name(key))

@@ -108,7 +108,7 @@ class ServerEvaluator:
         self.model = build_model(ModelSpec.from_config(config)).to(device)
         self.history: list[RoundRecord] = []
         self.seconds = 0.0
-        self._last: tuple[ArrayRecord, tuple[float, ...]] | None = None
+        self._last: tuple[ArrayRecord, float, tuple[float, ...]] | None = None
 
     @property
     def last_round(self) -> int:
@@ -116,21 +116,18 @@ class ServerEvaluator:
         return self.history[-1].round if self.history else 0
 
     def evaluate(self, arrays: ArrayRecord) -> tuple[float, tuple[float, ...]]:
-        """Overall and per-class test accuracy of a model."""
+        """Overall and per-class test accuracy of a model (reused if the last evaluation was of
+        this very model, e.g. after a round that left it unchanged)."""
+        if self._last is not None and self._last[0] is arrays:
+            return self._last[1], self._last[2]
         started = time.perf_counter()
         self.model.load_state_dict(arrays.to_torch_state_dict())
         predictions = predict(self.model, self.data.images, self.config.eval_batch_size, self.device)
         accuracy = float((predictions == self.data.labels).float().mean())
         classes = tuple(per_class_accuracy(predictions, self.data.labels, self.num_classes))
         self.seconds += time.perf_counter() - started
-        self._last = (arrays, classes)
+        self._last = (arrays, accuracy, classes)
         return accuracy, classes
-
-    def class_accuracy_of(self, arrays: ArrayRecord) -> tuple[float, ...]:
-        """Per-class test accuracy of a model (reusing the last evaluation if it was of this model)."""
-        if self._last is not None and self._last[0] is arrays:
-            return self._last[1]
-        return self.evaluate(arrays)[1]
 
     def for_stage(self, stage: str) -> Callable[[int, ArrayRecord], MetricRecord]:
         """An ``evaluate_fn`` for one stage; round 0 is recorded only for the first stage of all."""

@@ -289,7 +289,7 @@ class Experiment:  # pylint: disable=too-many-instance-attributes
             arrays = result.arrays
         last = self.evaluator.history[-1]
         stage = StageRecord(
-            name=name, rounds=num_rounds, seconds=strategy.seconds,
+            name=name, rounds=strategy.rounds, seconds=strategy.seconds,
             eval_seconds=self.evaluator.seconds - eval_seconds_before, samples=strategy.samples,
             sample_gradients=strategy.sample_gradients, accuracy=last.accuracy, class_accuracy=last.class_accuracy,
             first_round=first_round, last_round=last.round, run=self.run_index, request=request,
@@ -301,7 +301,7 @@ class Experiment:  # pylint: disable=too-many-instance-attributes
         log(
             INFO,
             "Stage %s: %s rounds in %.2f s (+%.1f s evaluation), %s samples, test accuracy %.2f%%%s",
-            name, num_rounds, stage.seconds, stage.eval_seconds, stage.samples, 100 * stage.accuracy,
+            name, stage.rounds, stage.seconds, stage.eval_seconds, stage.samples, 100 * stage.accuracy,
             _split_text(stage.split),
         )
         return arrays
@@ -438,7 +438,8 @@ class Experiment:  # pylint: disable=too-many-instance-attributes
         if method == "fu-mp":
             pruning = FUMPPruning(federation, model=build_model(self.model_spec),
                                   participants=federation.nodes_where(lambda c: c.partition_id not in state.clients),
-                                  forget_classes=list(request.targets), prune_fraction=config.prune_fraction)
+                                  forget_classes=list(request.targets), prune_fraction=config.prune_fraction,
+                                  prune_target=config.prune_target)
             recovery = StagePlan(
                 lambda: PrunedRecovery(federation, participants=retained, exclude_classes=sorted(after.classes),
                                        layers=pruning.layers, pruned=pruning.pruned, data=data,
@@ -484,7 +485,7 @@ class Experiment:  # pylint: disable=too-many-instance-attributes
                forgotten_clients: set[int]) -> SplitAccuracy:
         """F-Set/R-Set accuracy of a model for ``request`` (class-level: test set; client-level: client data)."""
         if request.kind == "class":
-            classes = self.evaluator.class_accuracy_of(arrays)
+            classes = self.evaluator.evaluate(arrays)[1]
             return class_split(classes, self.evaluator.class_sizes, set(request.targets), excluded_classes)
         correct, totals = self.evaluate_on_clients(arrays)
         return client_split(correct, totals, set(request.targets), forgotten_clients)

@@ -59,7 +59,9 @@ class StageStrategy(FedAvg):
     ``sample-gradients`` (per-sample gradient computations it performed). A round in
     which every client fails raises :class:`StageFailedError` with their reasons; a
     round in which every client reports weight 0 (no data, or nothing left to do)
-    leaves the model unchanged.
+    leaves the model unchanged. With fixed ``participants`` the stage then ends: the
+    remaining rounds would send the same model to the same clients, so they send
+    nothing (:attr:`rounds` counts the rounds that ran).
     """
 
     stage_name = "train"
@@ -104,6 +106,8 @@ class StageStrategy(FedAvg):
         self.bytes_sent = 0
         self.bytes_received = 0
         self.last_metrics: dict[int, MetricRecord] = {}
+        self.rounds = 0
+        self.ended = False
         self._round_started = 0.0
         self._round = 0
 
@@ -118,9 +122,13 @@ class StageStrategy(FedAvg):
     def configure_train(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
-        """Send the current model and the stage settings to the selected nodes."""
+        """Send the current model and the stage settings to the selected nodes (none once the stage ended)."""
+        if self.ended:
+            log(INFO, "%s round %s: skipped, the stage ended", self.stage_name, server_round)
+            return []
         self._round_started = time.perf_counter()
         self._round = server_round
+        self.rounds += 1
         node_ids = self.select_nodes(server_round, grid)
         log(INFO, "%s round %s: %s nodes", self.stage_name, server_round, len(node_ids))
         round_config = ConfigRecord({**dict(config), **self.stage_config, "server-round": server_round})
@@ -133,10 +141,14 @@ class StageStrategy(FedAvg):
         self, server_round: int, replies: Iterable[Message]
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         """FedAvg of the replies weighted by ``num-examples``, plus cost accounting."""
+        if self.ended:
+            return None, None
         valid = self._account(server_round, replies)
         with_data = [reply for reply in valid if int(_metrics(reply)[NUM_EXAMPLES])]
         if not with_data:
-            log(INFO, "%s round %s: no client had anything to do; model unchanged", self.stage_name, server_round)
+            self.ended = self.participants is not None
+            log(INFO, "%s round %s: no client had anything to do; model unchanged%s", self.stage_name, server_round,
+                "; the stage ends" if self.ended else "")
             self.finish_round()
             return None, None
         aggregated = super().aggregate_train(server_round, with_data)

@@ -1,4 +1,4 @@
-"""The baselines' math: FedEraser calibration, FU-MP channel scores and pruning (plain torch)."""
+"""The baselines' math: FedEraser calibration, FU-MP unit scores and pruning (plain torch)."""
 
 from __future__ import annotations
 
@@ -10,8 +10,8 @@ import torch
 from qd_app.baselines import (
     UpdateHistory,
     calibrated_update,
-    channel_statistics,
-    conv_channel_parameters,
+    activation_statistics,
+    prunable_layers,
     prune,
     tf_idf_scores,
     weighted_sum,
@@ -45,29 +45,47 @@ def test_tf_idf_scores_by_hand():
 
 def test_channels_and_the_norm_after_them_are_pruned_together():
     model = build_model(ModelSpec("convnet", 1, 28, 10, 2, 4, "instance", "avg"), seed=0)
-    layers = conv_channel_parameters(model)
-    assert [names for _, names in layers] == [
+    layers = prunable_layers(model, "channels")
+    assert [[name for name, _ in layer.parameters] for layer in layers] == [
         ["features.0.weight", "features.0.bias", "features.1.weight", "features.1.bias"],
         ["features.4.weight", "features.4.bias", "features.5.weight", "features.5.bias"],
     ]
-    pruned = prune(model.state_dict(), [names for _, names in layers], [[1], [0, 3]])
+    pruned = prune(model.state_dict(), layers, [[1], [0, 3]])
     assert pruned["features.0.weight"][1].abs().sum() == 0 and pruned["features.1.bias"][1] == 0
     assert pruned["features.4.weight"][[0, 3]].abs().sum() == 0
     assert pruned["features.4.weight"][1].abs().sum() > 0
     model.load_state_dict(pruned)
     captured = []
-    layers[1][0].register_forward_hook(lambda _m, _i, out: captured.append(out))
+    dict(model.named_modules())[layers[1].module].register_forward_hook(lambda _m, _i, out: captured.append(out))
     model(torch.randn(2, 1, 28, 28))
     assert captured[0][:, [0, 3]].abs().sum() == 0  # pruned channels stay silent
 
 
-def test_channel_statistics_sum_per_class(tiny_mnist_dir):
+def test_pruned_features_no_longer_reach_the_logits():
+    model = build_model(ModelSpec("convnet", 1, 28, 10, 2, 4, "instance", "avg"), seed=0)
+    [layer] = prunable_layers(model, "features")
+    assert layer.parameters == (("classifier.weight", 1),) and layer.width(model) == model.classifier.in_features
+    model.load_state_dict(prune(model.state_dict(), [layer], [[2, 5]]))
+    features = torch.randn(3, model.classifier.in_features)
+    changed = features.clone()
+    changed[:, [2, 5]] += 10.0
+    assert torch.equal(model.classifier(features), model.classifier(changed))
+    changed[:, 0] += 10.0
+    assert not torch.equal(model.classifier(features), model.classifier(changed))
+
+
+@pytest.mark.parametrize("target", ["channels", "features"])
+def test_activation_statistics_sum_per_class(tiny_mnist_dir, target):
     data = load_split("mnist", tiny_mnist_dir, True).subset(torch.arange(50))
     model = build_model(ModelSpec.from_config(RunConfig(model_width=8)), seed=0)
-    sums, counts = channel_statistics(model, data, 10, 16, torch.device("cpu"))
-    assert [s.shape for s in sums] == [(10, 8)] * 3
+    layers = prunable_layers(model, target)
+    sums, counts = activation_statistics(model, layers, data, 10, 16, torch.device("cpu"))
+    assert [s.shape for s in sums] == [(10, layer.width(model)) for layer in layers]
+    assert len(sums) == (3 if target == "channels" else 1)
     assert counts.tolist() == torch.bincount(data.labels, minlength=10).double().tolist()
     assert all((s >= 0).all() for s in sums)  # post-ReLU
+    empty = data.subset(torch.arange(0))
+    assert all(s.abs().sum() == 0 for s in activation_statistics(model, layers, empty, 10, 16, torch.device("cpu"))[0])
 
 
 def test_update_history_records_every_interval_and_round_trips(tmp_path):

@@ -52,7 +52,12 @@ def test_phase_all_trains_unlearns_recovers_and_relearns_a_class(tiny_mnist_dir,
     assert unlearn_request["fraction-of-training"] == pytest.approx(
         unlearn_request["total-seconds"] / record["stages"][0]["seconds"])
     holders = [i for i, counts in enumerate(record["federation"]["class-counts"]) if counts[3]]
-    assert nodes_sent(grid, "train.unlearn") == [holders] * 3  # unlearn-rounds; done clients reply with weight 0
+    # round 1 ascends; in round 2 every holder already forgets class 3 and replies with weight 0,
+    # which ends the stage: round 3 of unlearn-rounds=3 sends nothing
+    assert nodes_sent(grid, "train.unlearn") == [holders] * 2
+    unlearn_stage = record["stages"][1]
+    assert unlearn_stage["rounds"] == 2
+    assert [r["stage"] for r in record["rounds"]].count("unlearn") == 3  # the plot still spans every round
     recover = [m for m in grid.sent if m.metadata.message_type == "train.recover"]
     assert {tuple(m.content["config"]["exclude-classes"]) for m in recover} == {(3,)}
     relearn = [m for m in grid.sent if m.metadata.message_type == "train.relearn"]
