@@ -52,10 +52,12 @@ class Suite:
     request: dict[str, str]
     relearn: bool = False
     variants: dict[str, dict[str, Any]] = field(default_factory=lambda: {"": {}})
+    by_variant: bool = False  # one table row per variant (a sweep) instead of per method
 
 
 # The paper's Table 2 schedule (unlearning 1 round, recovery 2 rounds of 1 epoch), for every
 # method alike; recover-lr 0.03 because 0.01 left one seed's R-Set 5.6 points low.
+SCALES = (1, 10, 50, 100, 200, 1000)
 COMMON = {"dataset": "mnist", "alpha": 0.1, "federaser-interval": 2, "unlearn-rounds": 1, "recover-epochs": 1,
           "recover-lr": 0.03}
 SUITES = {
@@ -71,6 +73,12 @@ SUITES = {
         Suite("sequential", "Every class unlearned one after another (cf. Figure 4)",
               {**COMMON, "unlearn-rounds": 3},
               ("quickdrop",), {"forget-class": "all"}),
+        # 3 training rounds (95 % test accuracy on this preset) keep six trainings CPU-affordable
+        Suite("scale", "QuickDrop's scale s: accuracy and cost of unlearning class 9 (cf. Figure 6)",
+              {**COMMON, "num-server-rounds": 3}, ("quickdrop",), {"forget-class": "9"},
+              variants={f"s={scale}": {"scale": scale} for scale in SCALES}, by_variant=True),
+        Suite("overhead", "Distillation overhead of QuickDrop training (cf. Table 6)", COMMON, (), {},
+              variants={"MNIST": {}}, by_variant=True),
     )
 }
 
@@ -106,6 +114,7 @@ def _method_row(results: dict[str, Any], relearn: bool) -> dict[str, Any]:
         "samples": unlearn["samples"],
         "sample-gradients": sum(s["sample-gradients"] for s in stages if s["request"] == unlearn["index"]),
         "bytes": sum(s.get("bytes", 0) for s in stages if s["request"] == unlearn["index"]),
+        "compute-seconds": sum(s.get("compute-seconds", 0.0) for s in stages if s["request"] == unlearn["index"]),
         "before": unlearn["before"],
         "after": {key[len("after-"):]: value for key, value in unlearn.items() if key.startswith("after-")},
     }
@@ -202,8 +211,10 @@ def run_seed(link: SimulationSuperLink, suite: Suite, variant: dict[str, Any], s
     if not suite.relearn and "retrain" in methods:
         for method, extra in _model_metrics(config, suite, model_files).items():
             rows[method].update(extra)
-    return {"seed": seed, "train-seconds": training["stages"][0]["seconds"],
-            "train-accuracy": training["stages"][0]["accuracy"], "methods": rows,
+    train = training["stages"][0]
+    return {"seed": seed, "train-seconds": train["seconds"], "train-accuracy": train["accuracy"],
+            "train-compute-seconds": train.get("compute-seconds", 0.0),
+            "train-distill-seconds": train.get("distill-seconds", 0.0), "methods": rows,
             "federaser-bytes": training.get("stores", {}).get("federaser-bytes", 0),
             "store-bytes": training.get("stores", {}).get("bytes", [])}
 
@@ -229,6 +240,7 @@ def summarise(seeds: list[dict[str, Any]], methods: tuple[str, ...]) -> dict[str
                                                if "unlearn" in r["after"] else None for r in rows]),
             "sample-gradients": _mean_std([r["sample-gradients"] for r in rows]),
             "bytes": _mean_std([r["bytes"] for r in rows]),
+            "compute-seconds": _mean_std([r.get("compute-seconds") for r in rows]),
         }
         if quick:
             entry["quickdrop-speedup"] = _mean_std([r["seconds"] / q for r, q in zip(rows, quick)])
@@ -258,6 +270,8 @@ def markdown(suite: Suite, report: dict[str, Any]) -> str:
     """The suite's tables in Markdown."""
     lines = [f"## {suite.title}", "", f"Command: `{report['command']}`  ", f"Machine: {report['machine']}  ",
              f"Seeds: {report['seeds']}; settings: `{_config_text(report['settings'])}`", ""]
+    if suite.by_variant:
+        return "\n".join(lines + _variant_lines(suite, report)) + "\n"
     for variant, result in report["variants"].items():
         if variant:
             lines += [f"### {variant}", ""]
@@ -283,6 +297,44 @@ def markdown(suite: Suite, report: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _variant_summary(suite: Suite, result: dict[str, Any]) -> dict[str, tuple[float, float]]:
+    """Training cost and (with a method) the request's outcome of one variant of a sweep."""
+    seeds = result["seeds"]
+    row = {
+        "train-accuracy": _mean_std([s["train-accuracy"] for s in seeds]),
+        "train-seconds": _mean_std([s["train-seconds"] for s in seeds]),
+        "train-compute-seconds": _mean_std([s["train-compute-seconds"] for s in seeds]),
+        "train-distill-seconds": _mean_std([s["train-distill-seconds"] for s in seeds]),
+        "overhead": _mean_std([s["train-distill-seconds"] / s["train-compute-seconds"] for s in seeds
+                               if s["train-compute-seconds"]]),
+        "store-mb": _mean_std([sum(s["store-bytes"]) / 1e6 for s in seeds]),
+    }
+    if suite.methods:
+        row.update({key: result["summary"][suite.methods[0]][key]
+                    for key in ("forget-after-unlearn", "forget", "retain", "seconds", "compute-seconds")})
+    return row
+
+
+def _variant_lines(suite: Suite, report: dict[str, Any]) -> list[str]:
+    """One row per variant: training cost and, with a method, the request's outcome."""
+    header = ("| variant | training accuracy | training seconds | clients' training compute (s) | "
+              "of which distillation (s) | distillation share |  QuickDrop stores (MB) |")
+    if suite.methods:
+        header += (" F-Set after unlearning | F-Set | R-Set | seconds (unlearn + recover) | "
+                   "clients' compute (s, unlearn + recover) |")
+    lines = [header, "|" + " --- |" * header.count("|", 1)]
+    for variant, result in report["variants"].items():
+        row = _variant_summary(suite, result)
+        line = (f"| {variant} | {_cell(row['train-accuracy'], True)} | {_cell(row['train-seconds'], digits=1)} | "
+                f"{_cell(row['train-compute-seconds'], digits=1)} | {_cell(row['train-distill-seconds'], digits=1)} | "
+                f"{_cell(row['overhead'], True, digits=1)} | {_cell(row['store-mb'])} |")
+        if suite.methods:
+            line += (f" {_cell(row['forget-after-unlearn'], True)} | {_cell(row['forget'], True)} | "
+                     f"{_cell(row['retain'], True)} | {_cell(row['seconds'])} | {_cell(row['compute-seconds'])} |")
+        lines.append(line)
+    return lines
+
+
 def _request_lines(seeds: list[dict[str, Any]]) -> list[str]:
     """Per-request table (mean ± spread over seeds) for methods that served several requests."""
     lines = []
@@ -306,30 +358,49 @@ def _request_lines(seeds: list[dict[str, Any]]) -> list[str]:
     return lines
 
 
+def _grouped_bars(axis, names: list[str], groups: dict[str, list[tuple[float, float]]], ylabel: str,
+                  log: bool = False) -> None:
+    """Bars (mean, spread) of every group side by side at each name."""
+    width = 0.8 / len(groups)
+    for index, (label, values) in enumerate(groups.items()):
+        offset = (index - (len(groups) - 1) / 2) * width
+        axis.bar([p + offset for p in range(len(names))], [v[0] for v in values], width=width,
+                 yerr=[v[1] for v in values], label=label)
+    axis.set_xticks(list(range(len(names))), names)
+    axis.set_ylabel(ylabel)
+    if log:
+        axis.set_yscale("log")
+    if len(groups) > 1:
+        axis.legend()
+
+
 def plot(suite: Suite, report: dict[str, Any], path: Path) -> None:
-    """Bar charts of time (log scale) and F-Set / R-Set per method."""
+    """Time (log scale) and accuracy bars: per method, or per variant for a sweep."""
     import matplotlib  # pylint: disable=import-outside-toplevel
 
     matplotlib.use("Agg")
     from matplotlib import pyplot as plt  # pylint: disable=import-outside-toplevel
 
-    variants = list(report["variants"].items())
-    figure, axes = plt.subplots(len(variants), 2, figsize=(11, 3.6 * len(variants)), squeeze=False)
-    for row, (variant, result) in enumerate(variants):
-        names = [METHOD_NAMES[m] for m in result["summary"]]
-        entries = list(result["summary"].values())
-        axes[row][0].bar(names, [e["seconds"][0] for e in entries], yerr=[e["seconds"][1] for e in entries])
-        axes[row][0].set_yscale("log")
-        axes[row][0].set_ylabel("unlearn + recover (s)")
-        axes[row][0].set_title(f"{variant} time".strip())
-        positions = range(len(names))
-        axes[row][1].bar([p - 0.2 for p in positions], [100 * e["forget"][0] for e in entries], width=0.4,
-                         label="F-Set")
-        axes[row][1].bar([p + 0.2 for p in positions], [100 * e["retain"][0] for e in entries], width=0.4,
-                         label="R-Set")
-        axes[row][1].set_xticks(list(positions), names)
-        axes[row][1].set_ylabel("accuracy (%)")
-        axes[row][1].legend()
+    if suite.by_variant:
+        rows = [("", list(report["variants"]),
+                 [_variant_summary(suite, result) for result in report["variants"].values()])]
+    else:
+        rows = [(variant, [METHOD_NAMES[m] for m in result["summary"]], list(result["summary"].values()))
+                for variant, result in report["variants"].items()]
+    figure, axes = plt.subplots(len(rows), 2, figsize=(11, 3.6 * len(rows)), squeeze=False)
+    for (variant, names, entries), (time_axis, accuracy_axis) in zip(rows, axes):
+        percent = lambda key: [(100 * e[key][0], 100 * e[key][1]) for e in entries]  # noqa: E731
+        if suite.methods:
+            _grouped_bars(time_axis, names, {"unlearn + recover": [e["seconds"] for e in entries]},
+                          "unlearn + recover (s)", log=True)
+            _grouped_bars(accuracy_axis, names, {"F-Set": percent("forget"), "R-Set": percent("retain")},
+                          "accuracy (%)")
+        else:
+            _grouped_bars(time_axis, names, {"clients' training compute": [e["train-compute-seconds"] for e in entries],
+                                             "of which distillation": [e["train-distill-seconds"] for e in entries]},
+                          "seconds")
+            _grouped_bars(accuracy_axis, names, {"training accuracy": percent("train-accuracy")}, "accuracy (%)")
+        time_axis.set_title(f"{variant} time".strip())
     figure.tight_layout()
     figure.savefig(path, dpi=110)
     plt.close(figure)

@@ -6,6 +6,7 @@ run with it; other exceptions are left to Flower.
 """
 
 import functools
+import time
 from collections.abc import Callable
 
 from flwr.app import Context, Error, Message, RecordDict
@@ -15,6 +16,7 @@ from flwr.common.constant import ErrorCode
 from . import client_tasks
 from .client_tasks import ClientRun
 from .errors import UserFacingError
+from .strategies import COMPUTE_SECONDS
 
 app = ClientApp()
 
@@ -54,7 +56,9 @@ def query_activation_stats(msg: Message, context: Context) -> Message:
 
 def _train_reply(task: client_tasks.TrainTask, msg: Message, context: Context) -> Message:
     client = ClientRun.from_context(context)
+    started = time.perf_counter()
     arrays, metrics = task(client, msg.content["arrays"], msg.content["config"])
+    metrics[COMPUTE_SECONDS] = time.perf_counter() - started
     return Message(RecordDict({"arrays": arrays, "metrics": metrics}), reply_to=msg)
 
 

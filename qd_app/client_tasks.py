@@ -28,7 +28,7 @@ from .distillation import SyntheticSet, finetune_synthetic, initial_synthetic_se
 from .errors import StoreError
 from .models import ModelSpec, build_model
 from .store import check_identity, load_store, save_store, store_path
-from .strategies import NUM_EXAMPLES, SAMPLE_GRADIENTS
+from .strategies import DISTILL_SECONDS, NUM_EXAMPLES, SAMPLE_GRADIENTS
 from .training import TrainStats, make_optimizer, predict, resolve_device, seeded_generator, train_epochs
 from .unlearning import forget_data, gradient_ascent, relearn_data, retain_data
 
@@ -219,7 +219,8 @@ def distill_train(client: ClientRun, arrays: ArrayRecord, config: ConfigRecord) 
         metadata["finetune-steps"] += finetune_steps
     store_bytes = client.save_store(synthetic_set, metadata)
     return _reply(
-        model, len(client.train_data), stats, **{"store-bytes": store_bytes, "match-distance": stats.mean_distance}
+        model, len(client.train_data), stats,
+        **{"store-bytes": store_bytes, "match-distance": stats.mean_distance, DISTILL_SECONDS: stats.distill_seconds}
     )
 
 

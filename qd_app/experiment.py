@@ -294,6 +294,7 @@ class Experiment:  # pylint: disable=too-many-instance-attributes
             sample_gradients=strategy.sample_gradients, accuracy=last.accuracy, class_accuracy=last.class_accuracy,
             first_round=first_round, last_round=last.round, run=self.run_index, request=request,
             split=split(arrays) if split else None, bytes=strategy.bytes_sent + strategy.bytes_received,
+            compute_seconds=strategy.compute_seconds, distill_seconds=strategy.distill_seconds,
         )
         self.record.stages.append(stage)
         self.record.rounds = list(self.evaluator.history)

@@ -54,6 +54,8 @@ class StageRecord:  # pylint: disable=too-many-instance-attributes
     request: int | None = None
     split: SplitAccuracy | None = None
     bytes: int = 0
+    compute_seconds: float = 0.0
+    distill_seconds: float = 0.0
 
     def as_dict(self) -> dict[str, Any]:
         """JSON form with the app's kebab-case keys."""
@@ -70,6 +72,8 @@ class StageRecord:  # pylint: disable=too-many-instance-attributes
             "samples": self.samples,
             "sample-gradients": self.sample_gradients,
             "bytes": self.bytes,
+            "compute-seconds": self.compute_seconds,
+            "distill-seconds": self.distill_seconds,
             "accuracy": self.accuracy,
             **split.as_dict(),
             "class-accuracy": list(self.class_accuracy),
@@ -85,6 +89,7 @@ class StageRecord:  # pylint: disable=too-many-instance-attributes
             class_accuracy=tuple(entry["class-accuracy"]), first_round=entry["first-round"],
             last_round=entry["last-round"], run=entry["run"], request=entry["request"],
             split=SplitAccuracy(entry["forget-accuracy"], entry["retain-accuracy"]), bytes=entry.get("bytes", 0),
+            compute_seconds=entry.get("compute-seconds", 0.0), distill_seconds=entry.get("distill-seconds", 0.0),
         )
 
 

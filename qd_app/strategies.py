@@ -25,6 +25,8 @@ from .federation import Federation
 
 NUM_EXAMPLES = "num-examples"
 SAMPLE_GRADIENTS = "sample-gradients"
+COMPUTE_SECONDS = "compute-seconds"
+DISTILL_SECONDS = "distill-seconds"
 
 
 class StageStrategy(FedAvg):
@@ -56,7 +58,9 @@ class StageStrategy(FedAvg):
     -----
     Replies must carry one ArrayRecord and one MetricRecord holding ``num-examples``
     (the aggregation weight: the size of the data the client used) and
-    ``sample-gradients`` (per-sample gradient computations it performed). A round in
+    ``sample-gradients`` (per-sample gradient computations it performed), and may carry
+    ``compute-seconds`` (the client's local work) and ``distill-seconds`` (the part spent
+    on synthetic images), summed over clients and rounds. A round in
     which every client fails raises :class:`StageFailedError` with their reasons; a
     round in which every client reports weight 0 (no data, or nothing left to do)
     leaves the model unchanged. With fixed ``participants`` the stage then ends: the
@@ -103,6 +107,8 @@ class StageStrategy(FedAvg):
         self.seconds = 0.0
         self.samples = 0
         self.sample_gradients = 0
+        self.compute_seconds = 0.0
+        self.distill_seconds = 0.0
         self.bytes_sent = 0
         self.bytes_received = 0
         self.last_metrics: dict[int, MetricRecord] = {}
@@ -166,6 +172,8 @@ class StageStrategy(FedAvg):
         metrics = list(self.last_metrics.values())
         self.samples = max(self.samples, sum(int(m[NUM_EXAMPLES]) for m in metrics))
         self.sample_gradients += sum(int(m.get(SAMPLE_GRADIENTS, 0)) for m in metrics)
+        self.compute_seconds += sum(float(m.get(COMPUTE_SECONDS, 0.0)) for m in metrics)
+        self.distill_seconds += sum(float(m.get(DISTILL_SECONDS, 0.0)) for m in metrics)
         self.bytes_received += sum(record.count_bytes() for r in valid for record in r.content.array_records.values())
         if self.on_round is not None and self._sent is not None:
             self.on_round(server_round, self._sent, valid)

@@ -12,14 +12,16 @@ def row(seconds: float, forget: float, retain: float) -> dict:
     request = {"label": "class 9", "seconds": seconds, "before": {"forget-accuracy": 0.98, "retain-accuracy": 0.98},
                "after-unlearn": split, "after-recover": split}
     return {"seconds": seconds, "forget": forget, "retain": retain, "sample-gradients": 100, "bytes": 2e6,
+            "compute-seconds": seconds / 2,
             "after": {"unlearn": split, "recover": split}, "mia": 0.01, "requests": [request]}
 
 
 def seeds() -> list[dict]:
     return [
         {"seed": seed, "train-seconds": 600.0, "train-accuracy": 0.98, "federaser-bytes": 0, "store-bytes": [10, 20],
+         "train-compute-seconds": 1000.0, "train-distill-seconds": distill,
          "methods": {"retrain": row(retrain, 0.0, 0.98), "quickdrop": row(quick, 0.01, 0.97)}}
-        for seed, retrain, quick in ((0, 300.0, 2.0), (1, 500.0, 2.5))
+        for seed, retrain, quick, distill in ((0, 300.0, 2.0, 400.0), (1, 500.0, 2.5, 600.0))
     ]
 
 
@@ -55,3 +57,33 @@ def test_a_sequence_of_requests_gets_a_table_row_per_request():
     assert "QuickDrop, request by request:" in table and "Retrain-Or, request by request:" not in table
     assert "| class 9 | 98.00 ± 0.00 % | 1.00 ± 0.00 % | 1.00 ± 0.00 % | 98.00 ± 0.00 % | 97.00 ± 0.00 % |" in table
     assert "| class 3 | 98.00 ± 0.00 % | 1.00 ± 0.00 % | — | 98.00 ± 0.00 % | — |" in table
+
+
+def test_a_sweep_gets_a_table_row_per_variant(tmp_path):
+    suite = SUITES["scale"]
+    assert [v["scale"] for v in suite.variants.values()] == [1, 10, 50, 100, 200, 1000]
+    variants = {}
+    for variant in ("s=1", "s=100"):
+        per_seed = [{**seed, "methods": {"quickdrop": seed["methods"]["quickdrop"]}} for seed in seeds()]
+        variants[variant] = {"seeds": per_seed, "summary": summarise(per_seed, ("quickdrop",))}
+    report = {"command": "c", "machine": "m", "seeds": [0, 1], "settings": suite.settings, "variants": variants}
+    table = markdown(suite, report)
+    # distillation 400 and 600 of 1000 s: 40 % and 60 %; QuickDrop 2.0 and 2.5 s, half of it client compute
+    expected = ("| 98.00 ± 0.00 % | 600.0 ± 0.0 | 1000.0 ± 0.0 | 500.0 ± 100.0 | 50.0 ± 10.0 % | 0.00 ± 0.00 | "
+                "1.00 ± 0.00 % | 1.00 ± 0.00 % | 97.00 ± 0.00 % | 2.25 ± 0.25 | 1.12 ± 0.12 |")
+    assert f"| s=1 {expected}" in table and f"| s=100 {expected}" in table
+    plot(suite, report, tmp_path / "scale.png")
+    assert (tmp_path / "scale.png").stat().st_size > 1000
+
+
+def test_the_overhead_suite_reports_training_only(tmp_path):
+    suite = SUITES["overhead"]
+    assert suite.methods == ()
+    per_seed = [{**seed, "methods": {}} for seed in seeds()]
+    report = {"command": "c", "machine": "m", "seeds": [0, 1], "settings": suite.settings,
+              "variants": {"MNIST": {"seeds": per_seed, "summary": summarise(per_seed, ())}}}
+    table = markdown(suite, report)
+    assert "| MNIST | 98.00 ± 0.00 % | 600.0 ± 0.0 | 1000.0 ± 0.0 | 500.0 ± 100.0 | 50.0 ± 10.0 % | 0.00 ± 0.00 |\n" in table
+    assert "R-Set" not in table
+    plot(suite, report, tmp_path / "overhead.png")
+    assert (tmp_path / "overhead.png").stat().st_size > 1000

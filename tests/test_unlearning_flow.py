@@ -51,6 +51,9 @@ def test_phase_all_trains_unlearns_recovers_and_relearns_a_class(tiny_mnist_dir,
         unlearn_request["seconds"]["unlearn"] + unlearn_request["seconds"]["recover"])
     assert unlearn_request["fraction-of-training"] == pytest.approx(
         unlearn_request["total-seconds"] / record["stages"][0]["seconds"])
+    train = record["stages"][0]
+    assert 0 < train["distill-seconds"] < train["compute-seconds"]  # clients' synthetic-image work, within their own
+    assert all(s["compute-seconds"] > 0 and s["distill-seconds"] == 0 for s in record["stages"][1:])
     holders = [i for i, counts in enumerate(record["federation"]["class-counts"]) if counts[3]]
     # round 1 ascends; in round 2 every holder already forgets class 3 and replies with weight 0,
     # which ends the stage: round 3 of unlearn-rounds=3 sends nothing
