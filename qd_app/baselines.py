@@ -22,8 +22,8 @@ from __future__ import annotations
 
 import io
 import math
-from dataclasses import dataclass
 from collections.abc import Iterable
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np

@@ -55,9 +55,9 @@ class Suite:
     by_variant: bool = False  # one table row per variant (a sweep) instead of per method
 
 
+SCALES = (1, 10, 50, 100, 200, 1000)
 # The paper's Table 2 schedule (unlearning 1 round, recovery 2 rounds of 1 epoch), for every
 # method alike; recover-lr 0.03 because 0.01 left one seed's R-Set 5.6 points low.
-SCALES = (1, 10, 50, 100, 200, 1000)
 COMMON = {"dataset": "mnist", "alpha": 0.1, "federaser-interval": 2, "unlearn-rounds": 1, "recover-epochs": 1,
           "recover-lr": 0.03}
 SUITES = {
@@ -108,13 +108,14 @@ def _method_row(results: dict[str, Any], relearn: bool) -> dict[str, Any]:
     stages = [s for s in results["stages"] if s["run"] == run]
     requests = [r for r in results["requests"] if r["run"] == run]
     unlearn = next(r for r in requests if r["action"] == "unlearn")
+    unlearn_stages = [s for s in stages if s["request"] == unlearn["index"]]
     row = {
         "seconds": unlearn["total-seconds"],
         "stage-seconds": unlearn["seconds"],
         "samples": unlearn["samples"],
-        "sample-gradients": sum(s["sample-gradients"] for s in stages if s["request"] == unlearn["index"]),
-        "bytes": sum(s.get("bytes", 0) for s in stages if s["request"] == unlearn["index"]),
-        "compute-seconds": sum(s.get("compute-seconds", 0.0) for s in stages if s["request"] == unlearn["index"]),
+        "sample-gradients": sum(s["sample-gradients"] for s in unlearn_stages),
+        "bytes": sum(s.get("bytes", 0) for s in unlearn_stages),
+        "compute-seconds": sum(s.get("compute-seconds", 0.0) for s in unlearn_stages),
         "before": unlearn["before"],
         "after": {key[len("after-"):]: value for key, value in unlearn.items() if key.startswith("after-")},
     }
@@ -318,7 +319,7 @@ def _variant_summary(suite: Suite, result: dict[str, Any]) -> dict[str, tuple[fl
 def _variant_lines(suite: Suite, report: dict[str, Any]) -> list[str]:
     """One row per variant: training cost and, with a method, the request's outcome."""
     header = ("| variant | training accuracy | training seconds | clients' training compute (s) | "
-              "of which distillation (s) | distillation share |  QuickDrop stores (MB) |")
+              "of which distillation (s) | distillation share | QuickDrop stores (MB) |")
     if suite.methods:
         header += (" F-Set after unlearning | F-Set | R-Set | seconds (unlearn + recover) | "
                    "clients' compute (s, unlearn + recover) |")
