@@ -30,7 +30,7 @@ from .models import ModelSpec, build_model
 from .store import check_identity, load_store, save_store, store_path
 from .strategies import DISTILL_SECONDS, NUM_EXAMPLES, SAMPLE_GRADIENTS
 from .training import TrainStats, make_optimizer, predict, resolve_device, seeded_generator, train_epochs
-from .unlearning import forget_data, gradient_ascent, relearn_data, retain_data
+from .unlearning import fits_like_unseen, forget_data, forgotten, gradient_ascent, relearn_data, retain_data
 
 
 @dataclass(frozen=True)
@@ -227,16 +227,19 @@ def distill_train(client: ClientRun, arrays: ArrayRecord, config: ConfigRecord) 
 def unlearn(client: ClientRun, arrays: ArrayRecord, config: ConfigRecord) -> tuple[ArrayRecord, MetricRecord]:
     """Gradient ascent on the forget data (the forget classes, or everything) of the stage's source.
 
-    A client whose forget classes the model already forgets takes no step and replies
-    with weight 0, so it does not dilute the others' ascent in the average.
+    Class-level ascent goes until the classes are :func:`forgotten`; client-level ascent
+    runs its epochs, or, given ``target-losses``, until the data :func:`fits_like_unseen`.
+    A client already at its goal takes no step and replies with weight 0, so it does not
+    dilute the others' ascent in the average.
     """
     classes = None if bool(config["forget-everything"]) else list(config["forget-classes"])
+    target_losses = list(config.get("target-losses", []))
+    goal = forgotten if classes is not None else fits_like_unseen(target_losses) if target_losses else None
     data = forget_data(client.stage_source(config), classes)
     model = client.model(arrays)
     stats = gradient_ascent(
         model, data, optimizer=_optimizer(model, config), epochs=int(config["epochs"]),
-        batch_size=int(config["batch-size"]), generator=client.generator(config, 4), device=client.device,
-        stop_when_forgotten=classes is not None,
+        batch_size=int(config["batch-size"]), generator=client.generator(config, 4), device=client.device, goal=goal,
     )
     return _reply(model, len(data) if stats.steps else 0, stats)
 

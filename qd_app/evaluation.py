@@ -20,7 +20,8 @@ from flwr.common import log
 from .config import RunConfig
 from .data import dataset_spec, evaluation_split
 from .models import ModelSpec, build_model
-from .training import per_class_accuracy, predict
+from .training import logits, per_class_accuracy
+from .unlearning import class_losses
 
 
 @dataclass(frozen=True)
@@ -108,7 +109,7 @@ class ServerEvaluator:
         self.model = build_model(ModelSpec.from_config(config)).to(device)
         self.history: list[RoundRecord] = []
         self.seconds = 0.0
-        self._last: tuple[ArrayRecord, float, tuple[float, ...]] | None = None
+        self._last: tuple[ArrayRecord, torch.Tensor] | None = None  # the last model and its test outputs
 
     @property
     def last_round(self) -> int:
@@ -118,16 +119,23 @@ class ServerEvaluator:
     def evaluate(self, arrays: ArrayRecord) -> tuple[float, tuple[float, ...]]:
         """Overall and per-class test accuracy of a model (reused if the last evaluation was of
         this very model, e.g. after a round that left it unchanged)."""
-        if self._last is not None and self._last[0] is arrays:
-            return self._last[1], self._last[2]
-        started = time.perf_counter()
-        self.model.load_state_dict(arrays.to_torch_state_dict())
-        predictions = predict(self.model, self.data.images, self.config.eval_batch_size, self.device)
+        outputs = self._outputs(arrays)
+        predictions = outputs.argmax(dim=1)
         accuracy = float((predictions == self.data.labels).float().mean())
-        classes = tuple(per_class_accuracy(predictions, self.data.labels, self.num_classes))
-        self.seconds += time.perf_counter() - started
-        self._last = (arrays, accuracy, classes)
-        return accuracy, classes
+        return accuracy, tuple(per_class_accuracy(predictions, self.data.labels, self.num_classes))
+
+    def class_losses(self, arrays: ArrayRecord) -> list[float]:
+        """A model's mean capped loss on the test images of each class: its loss on data it
+        never trained on (the goal of SGA-Or's client-level ascent)."""
+        return class_losses(self._outputs(arrays), self.data.labels, self.num_classes)
+
+    def _outputs(self, arrays: ArrayRecord) -> torch.Tensor:
+        if self._last is None or self._last[0] is not arrays:
+            started = time.perf_counter()
+            self.model.load_state_dict(arrays.to_torch_state_dict())
+            self._last = (arrays, logits(self.model, self.data.images, self.config.eval_batch_size, self.device))
+            self.seconds += time.perf_counter() - started
+        return self._last[1]
 
     def for_stage(self, stage: str) -> Callable[[int, ArrayRecord], MetricRecord]:
         """An ``evaluate_fn`` for one stage; round 0 is recorded only for the first stage of all."""

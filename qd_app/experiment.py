@@ -377,7 +377,7 @@ class Experiment:  # pylint: disable=too-many-instance-attributes
 
         entry: dict[str, Any] = {"index": index, "action": action, **request.as_dict(), "label": request.label,
                                  "run": self.run_index, "before": split(arrays).as_dict()}
-        plans = self._unlearning_plan(request, state, after) if action == "unlearn" else [self._relearn_stage(
+        plans = self._unlearning_plan(request, state, after, arrays) if action == "unlearn" else [self._relearn_stage(
             request, after)]
         for plan in plans:
             if plan.rounds == 0:
@@ -397,8 +397,10 @@ class Experiment:  # pylint: disable=too-many-instance-attributes
         return arrays
 
     # ------------------------------------------------------------- methods
-    def _unlearning_plan(self, request: UnlearningRequest, state: Forgotten, after: Forgotten) -> list[StagePlan]:
-        """The stages that serve an unlearning request with the run's ``method``."""
+    def _unlearning_plan(
+        self, request: UnlearningRequest, state: Forgotten, after: Forgotten, arrays: ArrayRecord
+    ) -> list[StagePlan]:
+        """The stages that serve an unlearning request with the run's ``method`` from the model ``arrays``."""
         config, federation = self.config, self.federation
         method = config.method
         retained = self._training_participants(after)
@@ -410,11 +412,12 @@ class Experiment:  # pylint: disable=too-many-instance-attributes
         )
         if method in ("quickdrop", "sga"):
             epochs = None if request.kind == "class" else config.unlearn_client_epochs
+            target_losses = self.evaluator.class_losses(arrays) if request.kind == "client" and method == "sga" else None
             unlearn = StagePlan(
                 lambda: UnlearnStrategy(
                     federation, participants=self._unlearn_participants(request, state),
                     forget_classes=list(request.targets) if request.kind == "class" else None,
-                    data=data, **self._stage_settings("unlearn", epochs)),
+                    data=data, target_losses=target_losses, **self._stage_settings("unlearn", epochs)),
                 config.unlearn_rounds if request.kind == "class" else 1,
             )
             return [unlearn, recover]

@@ -250,6 +250,12 @@ class UnlearnStrategy(StageStrategy):
         holding them). ``None``: client-level, the participant forgets its whole set.
     data : str
         ``synthetic`` (QuickDrop: the client's store) or ``original`` (SGA-Or: its data).
+    target_losses : list[float], optional
+        Client-level only: the mean (capped) loss on the test images of each class of
+        the model being unlearned. A participant then ascends only until its data fits
+        no better than that (:func:`~qd_app.unlearning.fits_like_unseen`) instead of
+        running its epochs in full. Meaningful for real data only (SGA-Or): distilled
+        images are not samples of the test distribution.
     **kwargs
         As for :class:`StageStrategy` (``participants`` is required).
     """
@@ -258,10 +264,11 @@ class UnlearnStrategy(StageStrategy):
     message_type = f"{MessageType.TRAIN}.unlearn"
 
     def __init__(self, federation: Federation, *, forget_classes: list[int] | None = None,
-                 data: str = "synthetic", **kwargs) -> None:
+                 data: str = "synthetic", target_losses: list[float] | None = None, **kwargs) -> None:
         super().__init__(federation, **kwargs)
         self.stage_config.update(
-            {"forget-classes": list(forget_classes or []), "forget-everything": forget_classes is None, "data": data}
+            {"forget-classes": list(forget_classes or []), "forget-everything": forget_classes is None, "data": data,
+             "target-losses": list(target_losses or [])}
         )
 
 

@@ -101,16 +101,23 @@ def train_epochs(  # pylint: disable=too-many-arguments
 
 
 @torch.no_grad()
+def logits(
+    model: nn.Module, images: torch.Tensor, batch_size: int, device: torch.device = torch.device("cpu")
+) -> torch.Tensor:
+    """The model's outputs for every image, in eval mode, batch by batch (on CPU)."""
+    model.eval()
+    outputs = [
+        model(images[start : start + batch_size].to(device)).cpu() for start in range(0, len(images), batch_size)
+    ]
+    return torch.cat(outputs) if outputs else torch.empty(0, 0)
+
+
 def predict(
     model: nn.Module, images: torch.Tensor, batch_size: int, device: torch.device = torch.device("cpu")
 ) -> torch.Tensor:
     """Predicted class of every image (on CPU)."""
-    model.eval()
-    outputs = [
-        model(images[start : start + batch_size].to(device)).argmax(dim=1).cpu()
-        for start in range(0, len(images), batch_size)
-    ]
-    return torch.cat(outputs) if outputs else torch.empty(0, dtype=torch.long)
+    outputs = logits(model, images, batch_size, device)
+    return outputs.argmax(dim=1) if len(outputs) else torch.empty(0, dtype=torch.long)
 
 
 def per_class_accuracy(predictions: torch.Tensor, labels: torch.Tensor, num_classes: int) -> list[float]:

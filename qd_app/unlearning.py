@@ -11,26 +11,59 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable, Sequence
 
 import torch
 
 from .data import LabeledImages
 from .distillation import SyntheticSet
-from .training import TrainStats, train_epochs
+from .training import TrainStats, logits, train_epochs
 
 FORGET_PROBABILITY = 0.001
+LOSS_CAP = -math.log(FORGET_PROBABILITY)  # a sample's loss counts up to this: the loss of a forgotten one
+GOAL_BATCH = 1024
+
+AscentGoal = Callable[[torch.nn.Module, LabeledImages, torch.device], bool]
+
+
+def capped_losses(outputs: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Each sample's cross-entropy, counted up to LOSS_CAP."""
+    return torch.nn.functional.cross_entropy(outputs, labels, reduction="none").clamp(max=LOSS_CAP)
+
+
+def class_losses(outputs: torch.Tensor, labels: torch.Tensor, num_classes: int) -> list[float]:
+    """Mean :func:`capped_losses` of each class's samples (NaN for a class with none)."""
+    sums = torch.bincount(labels, weights=capped_losses(outputs, labels).double(), minlength=num_classes)
+    return (sums / torch.bincount(labels, minlength=num_classes).double()).tolist()
+
+
+def _outputs(model: torch.nn.Module, data: LabeledImages, device: torch.device) -> torch.Tensor:
+    outputs = logits(model, data.images, GOAL_BATCH, device)
+    model.train()
+    return outputs
 
 
 def forgotten(model: torch.nn.Module, data: LabeledImages, device: torch.device = torch.device("cpu")) -> bool:
     """Whether the model has forgotten ``data``: its mean probability for the true
-    class is below FORGET_PROBABILITY."""
-    model.eval()
-    with torch.no_grad():
-        probabilities = torch.softmax(model(data.images.to(device)), dim=1)
-    model.train()
-    true_class = probabilities[torch.arange(len(data)), data.labels.to(device)]
-    return float(true_class.mean()) < FORGET_PROBABILITY
+    class is below FORGET_PROBABILITY (the goal of class-level ascent)."""
+    probabilities = torch.softmax(_outputs(model, data, device), dim=1)
+    return float(probabilities[torch.arange(len(data)), data.labels].mean()) < FORGET_PROBABILITY
+
+
+def fits_like_unseen(target_losses: Sequence[float]) -> AscentGoal:
+    """The goal of client-level ascent on a client's real data: its mean capped loss
+    reaches that of data the model never trained on, ``target_losses[c]`` being the
+    model's mean capped loss on the test images of class c (each sample weighted by
+    its class). Other clients may hold the same classes, so the data is not to be
+    forgotten outright (Retrain-Or still classifies most of it), only to stop fitting
+    better than unseen data, which is what membership inference looks at."""
+    targets = torch.tensor(list(target_losses), dtype=torch.float64)
+
+    def reached(model: torch.nn.Module, data: LabeledImages, device: torch.device) -> bool:
+        losses = capped_losses(_outputs(model, data, device), data.labels)
+        return float(losses.double().mean()) >= float(targets[data.labels].mean())
+
+    return reached
 
 
 def gradient_ascent(  # pylint: disable=too-many-arguments
@@ -42,29 +75,27 @@ def gradient_ascent(  # pylint: disable=too-many-arguments
     batch_size: int,
     generator: torch.Generator,
     device: torch.device = torch.device("cpu"),
-    stop_when_forgotten: bool = True,
+    goal: AscentGoal | None = forgotten,
 ) -> TrainStats:
     """SGA: maximise the cross-entropy on ``data`` (each step moves up the gradient).
 
-    Ascent is unbounded, and how much of it a class needs varies a lot. Two bounds keep
-    the damage to the other classes, which recovery must repair, as small as
-    forgetting allows. Each sample's loss counts only up to -log(FORGET_PROBABILITY):
-    a forgotten sample stops pulling, so samples that resist (or a class the ascent
-    pushes the others into) cannot drive the weights off without limit. And with
-    ``stop_when_forgotten`` the client stops as soon as its forget data is
-    :func:`forgotten` (and takes no step if it is already), ``epochs`` being the upper
-    bound.
+    Ascent is unbounded, and how much of it the data needs varies a lot. Two bounds keep
+    the damage to the rest, which recovery must repair, as small as the goal allows.
+    Each sample's loss counts only up to LOSS_CAP: a forgotten sample stops pulling, so
+    samples that resist (or a class the ascent pushes the others into) cannot drive the
+    weights off without limit. And the ascent stops as soon as ``goal`` holds (checked
+    before the first step, so data already there takes none), ``epochs`` being the upper
+    bound; ``None`` runs the ``epochs`` in full.
     """
 
-    def data_forgotten() -> bool:
-        return forgotten(model, data, device)
+    def reached() -> bool:
+        return goal is not None and goal(model, data, device)
 
-    if stop_when_forgotten and data_forgotten():
+    if reached():
         return TrainStats()
     return train_epochs(
         model, data, optimizer=optimizer, epochs=epochs, batch_size=batch_size, generator=generator,
-        device=device, ascent=True, loss_cap=-math.log(FORGET_PROBABILITY),
-        stop_when=data_forgotten if stop_when_forgotten else None,
+        device=device, ascent=True, loss_cap=LOSS_CAP, stop_when=reached if goal is not None else None,
     )
 
 

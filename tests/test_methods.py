@@ -12,6 +12,7 @@ import torch
 from test_apps import run_server, tiny_run_config
 
 from qd_app.errors import RequestError
+from qd_app.unlearning import LOSS_CAP
 
 STAGES = {
     "quickdrop": ["unlearn", "recover"],
@@ -69,6 +70,18 @@ def test_s2u_forgets_a_client_in_one_phase(trained, tmp_path):
     assert [s["name"] for s in results["stages"] if s["run"] == 1] == ["s2u"]
     rounds = {m.content["config"]["server-round"] for m in grid.sent if m.metadata.message_type == "train"}
     assert rounds == {1, 2, 3}  # one unlearning round + recover-rounds
+
+
+@pytest.mark.parametrize("method", ["sga", "quickdrop"])
+def test_only_sga_or_ascends_a_client_towards_the_test_loss(trained, tmp_path, method):
+    config = copy_of(trained, tmp_path)
+    grid = run_server({**config, "phase": "unlearn", "method": method, "forget-class": "", "forget-client": "1"})
+    [unlearn] = [m for m in grid.sent if m.metadata.message_type == "train.unlearn"]
+    target_losses = list(unlearn.content["config"]["target-losses"])
+    if method == "sga":  # the trained model's per-class loss on the test images: real data to compare with
+        assert len(target_losses) == 10 and all(0 < loss <= LOSS_CAP for loss in target_losses)
+    else:  # synthetic images are no samples of the test data: one round of fixed epochs
+        assert target_losses == []
 
 
 @pytest.mark.parametrize(

@@ -2,14 +2,20 @@
 
 from __future__ import annotations
 
+import math
+
+import pytest
 import torch
 
 from qd_app.config import RunConfig
 from qd_app.data import LabeledImages, load_split
 from qd_app.distillation import SyntheticSet
 from qd_app.models import ModelSpec, build_model
-from qd_app.training import make_optimizer, predict, seeded_generator, train_epochs
-from qd_app.unlearning import FORGET_PROBABILITY, forget_data, forgotten, gradient_ascent, relearn_data, retain_data
+from qd_app.training import logits, make_optimizer, predict, seeded_generator, train_epochs
+from qd_app.unlearning import (
+    FORGET_PROBABILITY, LOSS_CAP, capped_losses, class_losses, fits_like_unseen, forget_data, forgotten,
+    gradient_ascent, relearn_data, retain_data,
+)
 
 
 def trained_model(tiny_mnist_dir):
@@ -44,8 +50,33 @@ def test_ascent_raises_the_loss_and_stops_once_the_data_is_forgotten(tiny_mnist_
 def test_client_level_ascent_runs_its_fixed_epochs(tiny_mnist_dir):
     model, data = trained_model(tiny_mnist_dir)
     stats = gradient_ascent(model, data.subset(torch.arange(100)), optimizer=make_optimizer(model, 0.001),
-                            epochs=3, batch_size=50, generator=seeded_generator(1), stop_when_forgotten=False)
+                            epochs=3, batch_size=50, generator=seeded_generator(1), goal=None)
     assert stats.steps == 6
+
+
+def test_class_losses_are_capped_per_class_means():
+    outputs = torch.tensor([[0.0, 0.0], [2.0, 0.0], [0.0, 100.0], [0.0, 0.0]])
+    labels = torch.tensor([0, 0, 0, 1])
+    by_hand = [math.log(2), math.log(1 + math.exp(-2)), LOSS_CAP]  # the third (loss 100) counts as LOSS_CAP
+    assert capped_losses(outputs, labels).tolist() == pytest.approx(by_hand + [math.log(2)])
+    assert class_losses(outputs, labels, 3)[:2] == pytest.approx([sum(by_hand) / 3, math.log(2)])
+    assert math.isnan(class_losses(outputs, labels, 3)[2])
+
+
+def test_client_level_ascent_on_real_data_stops_once_it_fits_like_unseen_data(tiny_mnist_dir):
+    model, data = trained_model(tiny_mnist_dir)
+    train_epochs(model, data, optimizer=make_optimizer(model, 0.02, 0.9), epochs=3, batch_size=32,
+                 generator=seeded_generator(3))  # fit the training data better than unseen data
+    unseen = load_split("mnist", tiny_mnist_dir, False)
+    targets = class_losses(logits(model, unseen.images, 64), unseen.labels, 10)
+    client = data.subset(torch.arange(0, len(data), 2))
+    goal = fits_like_unseen(targets)
+    assert not goal(model, client, torch.device("cpu"))
+    stats = gradient_ascent(model, client, optimizer=make_optimizer(model, 0.02, 0.9), epochs=20, batch_size=32,
+                            generator=seeded_generator(1), goal=goal)
+    assert 0 < stats.steps < 20 * math.ceil(len(client) / 32)
+    assert goal(model, client, torch.device("cpu"))
+    assert (predict(model, client.images, 64) == client.labels).float().mean() > 0.5  # fits, not forgotten
 
 
 def test_forget_and_retain_data_select_by_class():
@@ -74,12 +105,12 @@ def test_forgotten_samples_stop_pulling_the_ascent(tiny_mnist_dir):
     forget = class_data(data, 3).subset(torch.arange(4))
     wrong = LabeledImages(forget.images, (forget.labels + 1) % 10)
     gradient_ascent(model, wrong, optimizer=make_optimizer(model, 0.05, 0.9), epochs=30, batch_size=4,
-                    generator=seeded_generator(1), stop_when_forgotten=False)  # push the "wrong" label far out
+                    generator=seeded_generator(1), goal=None)  # push the "wrong" label far out
     before = [p.detach().clone() for p in model.parameters()]
     with torch.no_grad():
         assert (torch.softmax(model(wrong.images), 1)[torch.arange(4), wrong.labels] < FORGET_PROBABILITY).all()
     gradient_ascent(model, wrong, optimizer=make_optimizer(model, 0.05), epochs=5, batch_size=4,
-                    generator=seeded_generator(2), stop_when_forgotten=False)
+                    generator=seeded_generator(2), goal=None)
     assert all(torch.equal(b, p) for b, p in zip(before, model.parameters()))
 
 
