@@ -31,10 +31,11 @@ import torch
 from .config import RunConfig
 from .data import evaluation_split, load_split, partition_indices
 from .errors import UserFacingError
+from .evaluation import RoundRecord
 from .local_federation import PROJECT, SimulationSuperLink
 from .metrics import membership_inference, output_kl, tug_of_war
 from .models import ModelSpec, build_model
-from .results import CHECKPOINT_FILE
+from .results import CHECKPOINT_FILE, draw_class_accuracy
 
 NUM_CLIENTS = 10
 EXPERIMENT = "bench"
@@ -53,6 +54,7 @@ class Suite:
     relearn: bool = False
     variants: dict[str, dict[str, Any]] = field(default_factory=lambda: {"": {}})
     by_variant: bool = False  # one table row per variant (a sweep) instead of per method
+    sequence: bool = False  # a sequence of requests: plot every class's accuracy over the rounds
 
 
 SCALES = (1, 10, 50, 100, 200, 1000)
@@ -72,7 +74,7 @@ SUITES = {
               ("retrain", "sga", "federaser", "quickdrop"), {"forget-class": "9"}, relearn=True),
         Suite("sequential", "Every class unlearned one after another (cf. Figure 4)",
               {**COMMON, "unlearn-rounds": 3},
-              ("quickdrop",), {"forget-class": "all"}),
+              ("quickdrop",), {"forget-class": "all"}, sequence=True),
         # 3 training rounds (95 % test accuracy on this preset) keep six trainings CPU-affordable
         Suite("scale", "QuickDrop's scale s: accuracy and cost of unlearning class 9 (cf. Figure 6)",
               {**COMMON, "num-server-rounds": 3}, ("quickdrop",), {"forget-class": "9"},
@@ -207,6 +209,8 @@ def run_seed(link: SimulationSuperLink, suite: Suite, variant: dict[str, Any], s
             results = _run(link, {**settings, "phase": "relearn", "forget-class": "", "forget-client": ""},
                            f"seed {seed}: {method} relearning")
         rows[method] = _method_row(results, suite.relearn)
+        if suite.sequence:
+            rows[method]["rounds"] = results["rounds"]
         model_files[method] = output / EXPERIMENT / CHECKPOINT_FILE
     config = RunConfig.from_run_config(base)
     if not suite.relearn and "retrain" in methods:
@@ -376,12 +380,24 @@ def _grouped_bars(axis, names: list[str], groups: dict[str, list[tuple[float, fl
 
 
 def plot(suite: Suite, report: dict[str, Any], path: Path) -> None:
-    """Time (log scale) and accuracy bars: per method, or per variant for a sweep."""
+    """Time (log scale) and accuracy bars: per method, or per variant for a sweep; for a
+    sequence, every class's test accuracy over the rounds of the first seed (Figure 4)."""
     import matplotlib  # pylint: disable=import-outside-toplevel
 
     matplotlib.use("Agg")
     from matplotlib import pyplot as plt  # pylint: disable=import-outside-toplevel
 
+    if suite.sequence:
+        seed = next(iter(report["variants"].values()))["seeds"][0]
+        figure, axes = plt.subplots(len(seed["methods"]), 1, figsize=(10, 4.5 * len(seed["methods"])), squeeze=False)
+        for (method, row), (axis,) in zip(seed["methods"].items(), axes):
+            rounds = [RoundRecord.from_dict(entry) for entry in row["rounds"]]
+            draw_class_accuracy(axis, rounds, [str(c) for c in range(len(rounds[0].class_accuracy))])
+            axis.set_title(f"{METHOD_NAMES[method]}, seed {seed['seed']}: test accuracy of every class", pad=14)
+        figure.tight_layout()
+        figure.savefig(path, dpi=110)
+        plt.close(figure)
+        return
     if suite.by_variant:
         rows = [("", list(report["variants"]),
                  [_variant_summary(suite, result) for result in report["variants"].values()])]

@@ -187,15 +187,7 @@ def plot_class_accuracy(output_path: Path, rounds: list[RoundRecord], class_name
     from matplotlib import pyplot as plt  # pylint: disable=import-outside-toplevel
 
     figure, axes = plt.subplots(figsize=(9, 4.5))
-    steps = [entry.round for entry in rounds]
-    for index, name in enumerate(class_names):
-        values = [100 * entry.class_accuracy[index] for entry in rounds]
-        axes.plot(steps, values, marker="o", markersize=3, label=name)
-    _shade_stages(axes, rounds)
-    axes.set_xlabel("round")
-    axes.set_ylabel("test accuracy per class (%)")
-    axes.set_ylim(-2, 102)
-    axes.legend(loc="lower right", fontsize="small", ncol=2)
+    draw_class_accuracy(axes, rounds, class_names)
     figure.tight_layout()
     buffer = io.BytesIO()
     figure.savefig(buffer, format="png", dpi=120)
@@ -203,6 +195,19 @@ def plot_class_accuracy(output_path: Path, rounds: list[RoundRecord], class_name
     path = output_path / PLOT_FILE
     atomic_write_bytes(path, buffer.getvalue())
     return path
+
+
+def draw_class_accuracy(axes, rounds: list[RoundRecord], class_names: list[str]) -> None:
+    """One line per class over the rounds on matplotlib ``axes``, every stage but training shaded."""
+    steps = [entry.round for entry in rounds]
+    for index, name in enumerate(class_names):
+        axes.plot(steps, [100 * entry.class_accuracy[index] for entry in rounds], marker="o", markersize=3,
+                  label=name)
+    _shade_stages(axes, rounds)
+    axes.set_xlabel("round")
+    axes.set_ylabel("test accuracy per class (%)")
+    axes.set_ylim(-2, 102)
+    axes.legend(loc="lower right", fontsize="small", ncol=2)
 
 
 def _shade_stages(axes, rounds: list[RoundRecord]) -> None:

@@ -45,18 +45,24 @@ def test_markdown_table_and_plot(tmp_path):
     assert (tmp_path / "plot.png").stat().st_size > 1000
 
 
-def test_a_sequence_of_requests_gets_a_table_row_per_request():
+def test_a_sequence_of_requests_gets_a_table_row_per_request_and_a_plot_of_every_class(tmp_path):
     suite = SUITES["sequential"]
     per_seed = seeds()
+    rounds = [{"round": r, "stage": stage, "accuracy": 0.9, "class-accuracy": [0.9] * 10}
+              for r, stage in enumerate(["train", "train", "unlearn", "recover"])]
     for seed in per_seed:
         first = seed["methods"]["quickdrop"]["requests"][0]
         seed["methods"]["quickdrop"]["requests"] = [first, {**first, "label": "class 3", "after-recover": None}]
+        for row_of_method in seed["methods"].values():
+            row_of_method["rounds"] = rounds
     report = {"command": "c", "machine": "m", "seeds": [0, 1], "settings": suite.settings,
               "variants": {"": {"seeds": per_seed, "summary": summarise(per_seed, ("retrain", "quickdrop"))}}}
     table = markdown(suite, report)
     assert "QuickDrop, request by request:" in table and "Retrain-Or, request by request:" not in table
     assert "| class 9 | 98.00 ± 0.00 % | 1.00 ± 0.00 % | 1.00 ± 0.00 % | 98.00 ± 0.00 % | 97.00 ± 0.00 % |" in table
     assert "| class 3 | 98.00 ± 0.00 % | 1.00 ± 0.00 % | — | 98.00 ± 0.00 % | — |" in table
+    plot(suite, report, tmp_path / "sequence.png")
+    assert (tmp_path / "sequence.png").stat().st_size > 1000
 
 
 def test_a_sweep_gets_a_table_row_per_variant(tmp_path):
