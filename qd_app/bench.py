@@ -104,13 +104,12 @@ def _run(link: SimulationSuperLink, settings: dict[str, Any], label: str) -> dic
     return _load_results(Path(settings["output-dir"]))
 
 
-def _method_row(results: dict[str, Any], relearn: bool) -> dict[str, Any]:
-    """One method's numbers from its results.json (its last run)."""
-    run = len(results["runs"]) - 1
-    stages = [s for s in results["stages"] if s["run"] == run]
-    requests = [r for r in results["requests"] if r["run"] == run]
+def method_row(results: dict[str, Any], relearn: bool) -> dict[str, Any]:
+    """One method's numbers from its results.json: every request it served, in the runs
+    after training (the relearning request comes in a run of its own)."""
+    requests = results["requests"]
     unlearn = next(r for r in requests if r["action"] == "unlearn")
-    unlearn_stages = [s for s in stages if s["request"] == unlearn["index"]]
+    unlearn_stages = [s for s in results["stages"] if s["request"] == unlearn["index"]]
     row = {
         "seconds": unlearn["total-seconds"],
         "stage-seconds": unlearn["seconds"],
@@ -208,7 +207,7 @@ def run_seed(link: SimulationSuperLink, suite: Suite, variant: dict[str, Any], s
         if suite.relearn:
             results = _run(link, {**settings, "phase": "relearn", "forget-class": "", "forget-client": ""},
                            f"seed {seed}: {method} relearning")
-        rows[method] = _method_row(results, suite.relearn)
+        rows[method] = method_row(results, suite.relearn)
         if suite.sequence:
             rows[method]["rounds"] = results["rounds"]
         model_files[method] = output / EXPERIMENT / CHECKPOINT_FILE

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from qd_app.bench import SUITES, markdown, plot, summarise
+from qd_app.bench import SUITES, method_row, markdown, plot, summarise
 
 
 def row(seconds: float, forget: float, retain: float) -> dict:
@@ -93,3 +93,23 @@ def test_the_overhead_suite_reports_training_only(tmp_path):
     assert "R-Set" not in table
     plot(suite, report, tmp_path / "overhead.png")
     assert (tmp_path / "overhead.png").stat().st_size > 1000
+
+
+def test_amethod_row_takes_the_relearning_from_its_own_later_run():
+    split = {"forget-accuracy": 0.0, "retain-accuracy": 0.97}
+    back = {"forget-accuracy": 0.95, "retain-accuracy": 0.97}
+    results = {
+        "stages": [{"name": "train", "run": 0, "request": None, "sample-gradients": 9, "bytes": 9},
+                   {"name": "unlearn", "run": 1, "request": 0, "sample-gradients": 2, "bytes": 5},
+                   {"name": "recover", "run": 1, "request": 0, "sample-gradients": 3, "bytes": 5},
+                   {"name": "relearn", "run": 2, "request": 1, "sample-gradients": 7, "bytes": 5}],
+        "requests": [{"index": 0, "run": 1, "action": "unlearn", "label": "class 9", "total-seconds": 2.0,
+                      "seconds": {"unlearn": 0.5, "recover": 1.5}, "samples": {}, "before": back,
+                      "after-unlearn": split, "after-recover": split},
+                     {"index": 1, "run": 2, "action": "relearn", "label": "class 9", "total-seconds": 4.0,
+                      "after-relearn": back}],
+    }
+    row = method_row(results, relearn=True)
+    assert row["seconds"] == 2.0 and row["sample-gradients"] == 5 and row["bytes"] == 10
+    assert (row["forget"], row["retain"]) == (0.0, 0.97)
+    assert row["relearn"] == back and row["relearn-seconds"] == 4.0
