@@ -56,7 +56,8 @@ def fits_like_unseen(target_losses: Sequence[float]) -> AscentGoal:
     model's mean capped loss on the test images of class c (each sample weighted by
     its class). Other clients may hold the same classes, so the data is not to be
     forgotten outright (Retrain-Or still classifies most of it), only to stop fitting
-    better than unseen data, which is what membership inference looks at."""
+    better than unseen data on average (per-sample confidences can still differ, which
+    a membership attack sees: README, client-level benchmark)."""
     targets = torch.tensor(list(target_losses), dtype=torch.float64)
 
     def reached(model: torch.nn.Module, data: LabeledImages, device: torch.device) -> bool:
