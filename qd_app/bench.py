@@ -36,6 +36,7 @@ from .local_federation import PROJECT, SimulationSuperLink
 from .metrics import membership_inference, output_kl, tug_of_war
 from .models import ModelSpec, build_model
 from .results import CHECKPOINT_FILE, draw_class_accuracy
+from .training import logits
 
 NUM_CLIENTS = 10
 EXPERIMENT = "bench"
@@ -136,12 +137,10 @@ def _request_row(request: dict[str, Any]) -> dict[str, Any]:
             **{key: value for key, value in request.items() if key.startswith("after-")}}
 
 
-def _logits(config: RunConfig, model_file: Path, images: torch.Tensor) -> torch.Tensor:
+def _load_model(config: RunConfig, model_file: Path) -> torch.nn.Module:
     model = build_model(ModelSpec.from_config(config))
     model.load_state_dict(torch.load(model_file, weights_only=True)["state-dict"])
-    model.eval()
-    with torch.no_grad():
-        return torch.cat([model(images[i:i + 1000]) for i in range(0, len(images), 1000)])
+    return model
 
 
 def _model_metrics(config: RunConfig, suite: Suite, model_files: dict[str, Path]) -> dict[str, dict[str, float]]:
@@ -163,15 +162,13 @@ def _model_metrics(config: RunConfig, suite: Suite, model_files: dict[str, Path]
     members = torch.nonzero(retain_mask).flatten()
     members = members[torch.randperm(len(members), generator=generator)[:MIA_MEMBERS]]
     forget = train.subset(forget_index)
-    logits = {}
+    all_outputs = {}
     for method, path in model_files.items():
-        logits[method] = {
-            "members": _logits(config, path, train.images[members]),
-            "test": _logits(config, path, test.images),
-            "forget": _logits(config, path, forget.images),
-        }
+        model = _load_model(config, path)
+        all_outputs[method] = {name: logits(model, images, config.eval_batch_size) for name, images in
+                               (("members", train.images[members]), ("test", test.images), ("forget", forget.images))}
     metrics = {}
-    for method, outputs in logits.items():
+    for method, outputs in all_outputs.items():
         predictions = outputs["test"].argmax(1)
         accuracy = {
             "forget": float((outputs["forget"].argmax(1) == forget.labels).double().mean()),
@@ -185,8 +182,8 @@ def _model_metrics(config: RunConfig, suite: Suite, model_files: dict[str, Path]
             "accuracy": accuracy,
         }
     if "retrain" in metrics:
-        for method, outputs in logits.items():
-            metrics[method]["kl-vs-retrain"] = output_kl(outputs["test"], logits["retrain"]["test"])
+        for method, outputs in all_outputs.items():
+            metrics[method]["kl-vs-retrain"] = output_kl(outputs["test"], all_outputs["retrain"]["test"])
             metrics[method]["tug-of-war"] = tug_of_war(metrics[method]["accuracy"], metrics["retrain"]["accuracy"])
     return metrics
 
