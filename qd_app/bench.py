@@ -375,25 +375,19 @@ def _grouped_bars(axis, names: list[str], groups: dict[str, list[tuple[float, fl
         axis.legend()
 
 
-def plot(suite: Suite, report: dict[str, Any], path: Path) -> None:
-    """Time (log scale) and accuracy bars: per method, or per variant for a sweep; for a
-    sequence, every class's test accuracy over the rounds of the first seed (Figure 4)."""
-    import matplotlib  # pylint: disable=import-outside-toplevel
+def _sequence_figure(plt, report: dict[str, Any]):
+    """Every class's test accuracy over the rounds of the first seed, one panel per method (Figure 4)."""
+    seed = next(iter(report["variants"].values()))["seeds"][0]
+    figure, axes = plt.subplots(len(seed["methods"]), 1, figsize=(10, 4.5 * len(seed["methods"])), squeeze=False)
+    for (method, row), (axis,) in zip(seed["methods"].items(), axes):
+        rounds = [RoundRecord.from_dict(entry) for entry in row["rounds"]]
+        draw_class_accuracy(axis, rounds, [str(c) for c in range(len(rounds[0].class_accuracy))])
+        axis.set_title(f"{METHOD_NAMES[method]}, seed {seed['seed']}: test accuracy of every class", pad=14)
+    return figure
 
-    matplotlib.use("Agg")
-    from matplotlib import pyplot as plt  # pylint: disable=import-outside-toplevel
 
-    if suite.sequence:
-        seed = next(iter(report["variants"].values()))["seeds"][0]
-        figure, axes = plt.subplots(len(seed["methods"]), 1, figsize=(10, 4.5 * len(seed["methods"])), squeeze=False)
-        for (method, row), (axis,) in zip(seed["methods"].items(), axes):
-            rounds = [RoundRecord.from_dict(entry) for entry in row["rounds"]]
-            draw_class_accuracy(axis, rounds, [str(c) for c in range(len(rounds[0].class_accuracy))])
-            axis.set_title(f"{METHOD_NAMES[method]}, seed {seed['seed']}: test accuracy of every class", pad=14)
-        figure.tight_layout()
-        figure.savefig(path, dpi=110)
-        plt.close(figure)
-        return
+def _bars_figure(plt, suite: Suite, report: dict[str, Any]):
+    """Time (log scale) and accuracy bars: per method, or per variant for a sweep."""
     if suite.by_variant:
         rows = [("", list(report["variants"]),
                  [_variant_summary(suite, result) for result in report["variants"].values()])]
@@ -414,6 +408,17 @@ def plot(suite: Suite, report: dict[str, Any], path: Path) -> None:
                           "seconds")
             _grouped_bars(accuracy_axis, names, {"training accuracy": percent("train-accuracy")}, "accuracy (%)")
         time_axis.set_title(f"{variant} time".strip())
+    return figure
+
+
+def plot(suite: Suite, report: dict[str, Any], path: Path) -> None:
+    """The suite's figure: class accuracy over the rounds for a sequence, bars otherwise."""
+    import matplotlib  # pylint: disable=import-outside-toplevel
+
+    matplotlib.use("Agg")
+    from matplotlib import pyplot as plt  # pylint: disable=import-outside-toplevel
+
+    figure = _sequence_figure(plt, report) if suite.sequence else _bars_figure(plt, suite, report)
     figure.tight_layout()
     figure.savefig(path, dpi=110)
     plt.close(figure)
