@@ -251,6 +251,11 @@ def summarise(seeds: list[dict[str, Any]], methods: tuple[str, ...]) -> dict[str
         if all("relearn" in r for r in rows):
             entry["relearn-forget"] = _mean_std([r["relearn"]["forget-accuracy"] for r in rows])
             entry["relearn-retain"] = _mean_std([r["relearn"]["retain-accuracy"] for r in rows])
+            entry["relearn-seconds"] = _mean_std([r["relearn-seconds"] for r in rows])
+            if "quickdrop" in methods:
+                entry["relearn-quickdrop-speedup"] = _mean_std(
+                    [r["relearn-seconds"] / seed["methods"]["quickdrop"]["relearn-seconds"]
+                     for r, seed in zip(rows, seeds)])
         summary[method] = entry
     return summary
 
@@ -289,6 +294,8 @@ def markdown(suite: Suite, report: dict[str, Any]) -> str:
                 f"{_cell(entry.get('mia', (math.nan, 0)), True)} | {_cell(entry.get('tug-of-war', (math.nan, 0)), digits=3)} | "
                 f"{_cell(entry.get('kl-vs-retrain', (math.nan, 0)), digits=4)} |"
             )
+        if suite.relearn:
+            lines += _relearn_lines(result["summary"])
         lines += _request_lines(result["seeds"])
         train = _mean_std([s["train-seconds"] for s in result["seeds"]])
         lines += ["", f"Training (QuickDrop, with distillation): {_cell(train, digits=1)} s; "
@@ -336,6 +343,18 @@ def _variant_lines(suite: Suite, report: dict[str, Any]) -> list[str]:
     return lines
 
 
+def _relearn_lines(summary: dict[str, dict[str, Any]]) -> list[str]:
+    """The relearning request's table (the paper's Table 5), and why the model metrics are absent."""
+    lines = ["", "Relearning the class (a later run, `phase=relearn`):", "",
+             "| method | F-Set after relearning | R-Set after relearning | seconds (relearn) | QuickDrop faster by |",
+             "|" + " --- |" * 5]
+    for method, entry in summary.items():
+        lines.append(f"| {METHOD_NAMES[method]} | {_cell(entry['relearn-forget'], True)} | "
+                     f"{_cell(entry['relearn-retain'], True)} | {_cell(entry['relearn-seconds'])} | "
+                     f"{_cell(entry.get('relearn-quickdrop-speedup', (math.nan, 0)), digits=1)}x |")
+    return lines + ["", "MIA, ToW and KL are not measured in this suite: the final models have relearned the class."]
+
+
 def _request_lines(seeds: list[dict[str, Any]]) -> list[str]:
     """Per-request table (mean ± spread over seeds) for methods that served several requests."""
     lines = []
@@ -371,8 +390,8 @@ def _grouped_bars(axis, names: list[str], groups: dict[str, list[tuple[float, fl
     axis.set_ylabel(ylabel)
     if log:
         axis.set_yscale("log")
-    if len(groups) > 1:
-        axis.legend()
+    if len(groups) > 1:  # below the axis, clear of the bars
+        axis.legend(loc="upper center", bbox_to_anchor=(0.5, -0.1), ncol=2, fontsize="small")
 
 
 def _sequence_figure(plt, report: dict[str, Any]):
@@ -397,7 +416,15 @@ def _bars_figure(plt, suite: Suite, report: dict[str, Any]):
     figure, axes = plt.subplots(len(rows), 2, figsize=(11, 3.6 * len(rows)), squeeze=False)
     for (variant, names, entries), (time_axis, accuracy_axis) in zip(rows, axes):
         percent = lambda key: [(100 * e[key][0], 100 * e[key][1]) for e in entries]  # noqa: E731
-        if suite.methods:
+        if suite.relearn:
+            _grouped_bars(time_axis, names, {"unlearn + recover": [e["seconds"] for e in entries],
+                                             "relearn": [e["relearn-seconds"] for e in entries]},
+                          "seconds", log=True)
+            _grouped_bars(accuracy_axis, names, {"F-Set after recovery": percent("forget"),
+                                                 "R-Set after recovery": percent("retain"),
+                                                 "F-Set after relearning": percent("relearn-forget"),
+                                                 "R-Set after relearning": percent("relearn-retain")}, "accuracy (%)")
+        elif suite.methods:
             _grouped_bars(time_axis, names, {"unlearn + recover": [e["seconds"] for e in entries]},
                           "unlearn + recover (s)", log=True)
             _grouped_bars(accuracy_axis, names, {"F-Set": percent("forget"), "R-Set": percent("retain")},

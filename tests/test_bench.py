@@ -113,3 +113,20 @@ def test_amethod_row_takes_the_relearning_from_its_own_later_run():
     assert row["seconds"] == 2.0 and row["sample-gradients"] == 5 and row["bytes"] == 10
     assert (row["forget"], row["retain"]) == (0.0, 0.97)
     assert row["relearn"] == back and row["relearn-seconds"] == 4.0
+
+
+def test_the_relearn_suite_adds_the_relearning_table_and_bars(tmp_path):
+    suite = SUITES["relearn"]
+    per_seed = seeds()
+    for seed, (retrain, quick) in zip(per_seed, ((200.0, 4.0), (300.0, 5.0))):
+        for method, seconds in (("retrain", retrain), ("quickdrop", quick)):
+            seed["methods"][method].update(relearn={"forget-accuracy": 0.95, "retain-accuracy": 0.97},
+                                           **{"relearn-seconds": seconds})
+    report = {"command": "c", "machine": "m", "seeds": [0, 1], "settings": suite.settings,
+              "variants": {"": {"seeds": per_seed, "summary": summarise(per_seed, ("retrain", "quickdrop"))}}}
+    table = markdown(suite, report)
+    # Retrain-Or relearns in 200 and 300 s, QuickDrop in 4 and 5 s: 50x and 60x
+    assert "| Retrain-Or | 95.00 ± 0.00 % | 97.00 ± 0.00 % | 250.00 ± 50.00 | 55.0 ± 5.0x |" in table
+    assert "| QuickDrop | 95.00 ± 0.00 % | 97.00 ± 0.00 % | 4.50 ± 0.50 | 1.0 ± 0.0x |" in table
+    plot(suite, report, tmp_path / "relearn.png")
+    assert (tmp_path / "relearn.png").stat().st_size > 1000
