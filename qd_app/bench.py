@@ -227,12 +227,16 @@ def _mean_std(values: list[float]) -> tuple[float, float]:
     return statistics.fmean(values), statistics.pstdev(values) if len(values) > 1 else 0.0
 
 
+def _speedup(rows: list[dict[str, Any]], seeds: list[dict[str, Any]], key: str) -> tuple[float, float]:
+    """How many times QuickDrop's ``key`` seconds fit in each row's, per seed (mean, spread)."""
+    return _mean_std([row[key] / seed["methods"]["quickdrop"][key] for row, seed in zip(rows, seeds)])
+
+
 def summarise(seeds: list[dict[str, Any]], methods: tuple[str, ...]) -> dict[str, dict[str, Any]]:
     """Mean and spread over seeds of every reported number, per method."""
     summary = {}
     for method in methods:
         rows = [seed["methods"][method] for seed in seeds]
-        quick = [seed["methods"]["quickdrop"]["seconds"] for seed in seeds] if "quickdrop" in methods else None
         entry = {
             "seconds": _mean_std([r["seconds"] for r in rows]),
             "forget": _mean_std([r["forget"] for r in rows]),
@@ -243,8 +247,8 @@ def summarise(seeds: list[dict[str, Any]], methods: tuple[str, ...]) -> dict[str
             "bytes": _mean_std([r["bytes"] for r in rows]),
             "compute-seconds": _mean_std([r.get("compute-seconds") for r in rows]),
         }
-        if quick:
-            entry["quickdrop-speedup"] = _mean_std([r["seconds"] / q for r, q in zip(rows, quick)])
+        if "quickdrop" in methods:
+            entry["quickdrop-speedup"] = _speedup(rows, seeds, "seconds")
         for key in ("mia", "kl-vs-retrain", "tug-of-war"):
             if all(key in r for r in rows):
                 entry[key] = _mean_std([r[key] for r in rows])
@@ -253,9 +257,7 @@ def summarise(seeds: list[dict[str, Any]], methods: tuple[str, ...]) -> dict[str
             entry["relearn-retain"] = _mean_std([r["relearn"]["retain-accuracy"] for r in rows])
             entry["relearn-seconds"] = _mean_std([r["relearn-seconds"] for r in rows])
             if "quickdrop" in methods:
-                entry["relearn-quickdrop-speedup"] = _mean_std(
-                    [r["relearn-seconds"] / seed["methods"]["quickdrop"]["relearn-seconds"]
-                     for r, seed in zip(rows, seeds)])
+                entry["relearn-quickdrop-speedup"] = _speedup(rows, seeds, "relearn-seconds")
         summary[method] = entry
     return summary
 
