@@ -418,19 +418,16 @@ def _bars_figure(plt, suite: Suite, report: dict[str, Any]):
     figure, axes = plt.subplots(len(rows), 2, figsize=(11, 3.6 * len(rows)), squeeze=False)
     for (variant, names, entries), (time_axis, accuracy_axis) in zip(rows, axes):
         percent = lambda key: [(100 * e[key][0], 100 * e[key][1]) for e in entries]  # noqa: E731
-        if suite.relearn:
-            _grouped_bars(time_axis, names, {"unlearn + recover": [e["seconds"] for e in entries],
-                                             "relearn": [e["relearn-seconds"] for e in entries]},
-                          "seconds", log=True)
-            _grouped_bars(accuracy_axis, names, {"F-Set after recovery": percent("forget"),
-                                                 "R-Set after recovery": percent("retain"),
-                                                 "F-Set after relearning": percent("relearn-forget"),
-                                                 "R-Set after relearning": percent("relearn-retain")}, "accuracy (%)")
-        elif suite.methods:
-            _grouped_bars(time_axis, names, {"unlearn + recover": [e["seconds"] for e in entries]},
-                          "unlearn + recover (s)", log=True)
-            _grouped_bars(accuracy_axis, names, {"F-Set": percent("forget"), "R-Set": percent("retain")},
-                          "accuracy (%)")
+        if suite.methods:
+            times = {"unlearn + recover": [e["seconds"] for e in entries]}
+            accuracy = {"F-Set": percent("forget"), "R-Set": percent("retain")}
+            if suite.relearn:
+                times["relearn"] = [e["relearn-seconds"] for e in entries]
+                accuracy = {"F-Set after recovery": percent("forget"), "R-Set after recovery": percent("retain"),
+                            "F-Set after relearning": percent("relearn-forget"),
+                            "R-Set after relearning": percent("relearn-retain")}
+            _grouped_bars(time_axis, names, times, "seconds" if suite.relearn else "unlearn + recover (s)", log=True)
+            _grouped_bars(accuracy_axis, names, accuracy, "accuracy (%)")
         else:
             _grouped_bars(time_axis, names, {"clients' training compute": [e["train-compute-seconds"] for e in entries],
                                              "of which distillation": [e["train-distill-seconds"] for e in entries]},
