@@ -284,18 +284,22 @@ def markdown(suite: Suite, report: dict[str, Any]) -> str:
         if variant:
             lines += [f"### {variant}", ""]
         header = ("| method | F-Set after unlearning | F-Set | R-Set | seconds (unlearn + recover) | "
-                  "QuickDrop faster by | sample gradients | MB sent | MIA on forget set | ToW | KL vs Retrain-Or |")
-        lines += [header, "|" + " --- |" * 11]
+                  "QuickDrop faster by | sample gradients | MB sent |")
+        model_metrics = any("mia" in entry for entry in result["summary"].values())
+        if model_metrics:
+            header += " MIA on forget set | ToW | KL vs Retrain-Or |"
+        lines += [header, "|" + " --- |" * header.count("|", 1)]
         for method, entry in result["summary"].items():
-            lines.append(
-                f"| {METHOD_NAMES[method]} | {_cell(entry['forget-after-unlearn'], True)} | "
-                f"{_cell(entry['forget'], True)} | {_cell(entry['retain'], True)} | {_cell(entry['seconds'])} | "
-                f"{_cell(entry.get('quickdrop-speedup', (math.nan, 0)), digits=1)}x | "
-                f"{_cell(entry['sample-gradients'], digits=0)} | "
-                f"{_cell((entry['bytes'][0] / 1e6, entry['bytes'][1] / 1e6))} | "
-                f"{_cell(entry.get('mia', (math.nan, 0)), True)} | {_cell(entry.get('tug-of-war', (math.nan, 0)), digits=3)} | "
-                f"{_cell(entry.get('kl-vs-retrain', (math.nan, 0)), digits=4)} |"
-            )
+            line = (f"| {METHOD_NAMES[method]} | {_cell(entry['forget-after-unlearn'], True)} | "
+                    f"{_cell(entry['forget'], True)} | {_cell(entry['retain'], True)} | {_cell(entry['seconds'])} | "
+                    f"{_cell(entry.get('quickdrop-speedup', (math.nan, 0)), digits=1)}x | "
+                    f"{_cell(entry['sample-gradients'], digits=0)} | "
+                    f"{_cell((entry['bytes'][0] / 1e6, entry['bytes'][1] / 1e6))} |")
+            if model_metrics:
+                line += (f" {_cell(entry.get('mia', (math.nan, 0)), True)} | "
+                         f"{_cell(entry.get('tug-of-war', (math.nan, 0)), digits=3)} | "
+                         f"{_cell(entry.get('kl-vs-retrain', (math.nan, 0)), digits=4)} |")
+            lines.append(line)
         if suite.relearn:
             lines += _relearn_lines(result["summary"])
         lines += _request_lines(result["seeds"])
