@@ -1,7 +1,7 @@
 """Server strategies: FedAvg subclasses, one per stage of an experiment.
 
-Every stage (training, and in later steps unlearning, recovery, relearning and the
-baselines) is a :class:`StageStrategy`: FedAvg with a message type of its own, a hook
+Every stage (training, unlearning, recovery, relearning and the baselines' stages)
+is a :class:`StageStrategy`: FedAvg with a message type of its own, a hook
 that picks the participating nodes, stage settings merged into every message, and
 accounting of the stage's cost (wall seconds of the federated work, samples touched,
 sample-gradient computations). Server-side evaluation between rounds is not part of a
