@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import random
 import time
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable
 from logging import INFO, WARNING
 
 from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
@@ -60,12 +60,13 @@ class StageStrategy(FedAvg):
     (the aggregation weight: the size of the data the client used) and
     ``sample-gradients`` (per-sample gradient computations it performed), and may carry
     ``compute-seconds`` (the client's local work) and ``distill-seconds`` (the part spent
-    on synthetic images), summed over clients and rounds. A round in
-    which every client fails raises :class:`StageFailedError` with their reasons; a
-    round in which every client reports weight 0 (no data, or nothing left to do)
-    leaves the model unchanged. With fixed ``participants`` the stage then ends: the
-    remaining rounds would send the same model to the same clients, so they send
-    nothing (:attr:`rounds` counts the rounds that ran).
+    on synthetic images), summed over clients and rounds. A client that fails is left
+    out of its round's average with a warning; a round in which every client fails
+    raises :class:`StageFailedError` with their reasons; a round in which every client
+    reports weight 0 (no data, or nothing left to do) leaves the model unchanged. With
+    fixed ``participants`` the stage then ends: the remaining rounds would send the same
+    model to the same clients, so they send nothing (:attr:`rounds` counts the rounds
+    that ran).
     """
 
     stage_name = "train"
@@ -168,6 +169,10 @@ class StageStrategy(FedAvg):
         if not valid:
             self.finish_round()
             raise StageFailedError(_failure_summary(self.stage_name, server_round, replies))
+        if len(valid) < len(replies):
+            failed = [reply for reply in replies if reply.has_error()]
+            log(WARNING, "%s round %s: %s of %s clients failed and are left out of the average: %s",
+                self.stage_name, server_round, len(failed), len(replies), " | ".join(_reasons(failed)))
         self.last_metrics = {reply.metadata.src_node_id: _metrics(reply) for reply in valid}
         metrics = list(self.last_metrics.values())
         self.samples = max(self.samples, sum(int(m[NUM_EXAMPLES]) for m in metrics))
@@ -323,5 +328,9 @@ def _metrics(reply: Message) -> MetricRecord:
 def _failure_summary(stage: str, server_round: int, replies: list[Message]) -> str:
     if not replies:
         return f"{stage} round {server_round}: no client replied"
-    reasons = sorted({reply.error.reason.strip() for reply in replies})
-    return f"{stage} round {server_round}: every client failed: " + " | ".join(reasons)
+    return f"{stage} round {server_round}: every client failed: " + " | ".join(_reasons(replies))
+
+
+def _reasons(failed: list[Message]) -> list[str]:
+    """The distinct error reasons of failed replies."""
+    return sorted({reply.error.reason.strip() for reply in failed})

@@ -4,14 +4,16 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 from pathlib import Path
 
 import pytest
 import torch
 from test_apps import run_server, tiny_run_config
 
+from qd_app import client_tasks, strategies
 from qd_app.config import RunConfig
-from qd_app.errors import ConfigError, RequestError
+from qd_app.errors import ConfigError, RequestError, StageFailedError
 from qd_app.models import ModelSpec, build_model
 from qd_app.unlearning_requests import RequestLog
 
@@ -166,3 +168,48 @@ def test_crash_between_saving_the_model_and_the_log_is_repaired(tiny_mnist_dir, 
     with pytest.raises(RequestError, match="class 4 is already forgotten"):
         run_server({**base, "phase": "unlearn", "forget-class": "4"})
     assert [e["targets"] for e in RequestLog(tmp_path / "tiny").entries()] == [[4]]
+
+
+def test_a_client_failing_mid_request_changes_nothing_and_the_request_can_be_served_again(
+        tiny_mnist_dir, tmp_path, monkeypatch):
+    base = tiny_run_config(tiny_mnist_dir, tmp_path, **STRONG_UNLEARNING)
+    run_server({**base, "phase": "train"})
+    before = snapshot(tmp_path)
+
+    def power_cut(*args, **kwargs):
+        raise OSError("power cut")
+
+    monkeypatch.setattr(client_tasks, "gradient_ascent", power_cut)
+    request = {**base, "phase": "unlearn", "forget-class": "", "forget-client": "1"}
+    with pytest.raises(StageFailedError, match="unlearn round .*every client failed: .*power cut"):
+        run_server(request)
+    monkeypatch.undo()
+    assert snapshot(tmp_path) == before  # model, log, results and stores as they were
+
+    run_server(request)
+    assert [e["targets"] for e in RequestLog(tmp_path / "tiny").entries()] == [[1]]
+
+
+def test_a_client_failing_in_one_round_is_left_out_with_a_warning(tiny_mnist_dir, tmp_path, monkeypatch):
+    base = tiny_run_config(tiny_mnist_dir, tmp_path, **STRONG_UNLEARNING)
+    run_server({**base, "phase": "train"})
+    ascent, calls, warnings = client_tasks.gradient_ascent, [], []
+
+    def first_call_fails(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 1:
+            raise OSError("disk full")
+        return ascent(*args, **kwargs)
+
+    def record(level, message, *args):
+        if level == logging.WARNING:
+            warnings.append(message % args)
+
+    monkeypatch.setattr(client_tasks, "gradient_ascent", first_call_fails)
+    monkeypatch.setattr(strategies, "log", record)
+    run_server({**base, "phase": "unlearn", "forget-class": "3"})
+    assert len(warnings) == 1
+    assert warnings[0].startswith("unlearn round ") and "1 of 3 clients failed" in warnings[0]
+    assert "disk full" in warnings[0]
+    [entry] = RequestLog(tmp_path / "tiny").entries()
+    assert entry["targets"] == [3]
