@@ -21,7 +21,7 @@ import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime, timezone
-from logging import INFO
+from logging import INFO, WARNING
 from pathlib import Path
 from typing import Any
 
@@ -370,6 +370,9 @@ class Experiment:  # pylint: disable=too-many-instance-attributes
         index = len(self.record.requests)
         state = self.forgotten
         after = state.after(action, request)
+        if action == "unlearn" and len(after.classes) == self.spec.num_classes:
+            log(WARNING, "%s leaves no class to keep: no data is left to recover on, and on a class the model "
+                "predicts everywhere gradient ascent finds almost no gradient (README: Unlearning)", request.label)
         excluded = state.classes | after.classes | (set(request.targets) if request.kind == "class" else set())
 
         def split(model: ArrayRecord) -> SplitAccuracy:

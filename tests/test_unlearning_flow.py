@@ -11,7 +11,7 @@ import pytest
 import torch
 from test_apps import run_server, tiny_run_config
 
-from qd_app import client_tasks, strategies
+from qd_app import client_tasks, experiment, strategies
 from qd_app.config import RunConfig
 from qd_app.errors import ConfigError, RequestError, StageFailedError
 from qd_app.models import ModelSpec, build_model
@@ -213,3 +213,20 @@ def test_a_client_failing_in_one_round_is_left_out_with_a_warning(tiny_mnist_dir
     assert "disk full" in warnings[0]
     [entry] = RequestLog(tmp_path / "tiny").entries()
     assert entry["targets"] == [3]
+
+
+def test_forgetting_the_last_class_kept_is_served_with_a_warning(tiny_mnist_dir, tmp_path, monkeypatch):
+    base = tiny_run_config(tiny_mnist_dir, tmp_path, **STRONG_UNLEARNING)
+    run_server({**base, "phase": "train"})
+    warnings = []
+
+    def record(level, message, *args):
+        if level == logging.WARNING:
+            warnings.append(message % args)
+
+    monkeypatch.setattr(experiment, "log", record)
+    run_server({**base, "phase": "unlearn", "forget-class": "0+1+2+3+4+5+6+7+8"})
+    assert warnings == []
+    run_server({**base, "phase": "unlearn", "forget-class": "9"})
+    assert [w.split(":")[0] for w in warnings] == ["class 9 leaves no class to keep"]
+    assert [e["targets"] for e in RequestLog(tmp_path / "tiny").entries()][-1] == [9]
