@@ -41,6 +41,18 @@ def nodes_sent(grid, message_type: str) -> list[list[int]]:
     return [sorted(partitions) for _, partitions in sorted(rounds.items())]
 
 
+def warnings_logged(monkeypatch, module) -> list[str]:
+    """The warnings ``module`` logs from now on (Flower's logger does not propagate to caplog)."""
+    warnings: list[str] = []
+
+    def record(level, message, *args):
+        if level == logging.WARNING:
+            warnings.append(message % args)
+
+    monkeypatch.setattr(module, "log", record)
+    return warnings
+
+
 def test_phase_all_trains_unlearns_recovers_and_relearns_a_class(tiny_mnist_dir, tmp_path):
     config = tiny_run_config(tiny_mnist_dir, tmp_path, phase="all", **{"forget-class": "3"}, **STRONG_UNLEARNING)
     grid = run_server(config)
@@ -193,7 +205,7 @@ def test_a_client_failing_mid_request_changes_nothing_and_the_request_can_be_ser
 def test_a_client_failing_in_one_round_is_left_out_with_a_warning(tiny_mnist_dir, tmp_path, monkeypatch):
     base = tiny_run_config(tiny_mnist_dir, tmp_path, **STRONG_UNLEARNING)
     run_server({**base, "phase": "train"})
-    ascent, calls, warnings = client_tasks.gradient_ascent, [], []
+    ascent, calls = client_tasks.gradient_ascent, []
 
     def first_call_fails(*args, **kwargs):
         calls.append(1)
@@ -201,12 +213,8 @@ def test_a_client_failing_in_one_round_is_left_out_with_a_warning(tiny_mnist_dir
             raise OSError("disk full")
         return ascent(*args, **kwargs)
 
-    def record(level, message, *args):
-        if level == logging.WARNING:
-            warnings.append(message % args)
-
     monkeypatch.setattr(client_tasks, "gradient_ascent", first_call_fails)
-    monkeypatch.setattr(strategies, "log", record)
+    warnings = warnings_logged(monkeypatch, strategies)
     run_server({**base, "phase": "unlearn", "forget-class": "3"})
     assert len(warnings) == 1
     assert warnings[0].startswith("unlearn round ") and "1 of 3 clients failed" in warnings[0]
@@ -218,13 +226,7 @@ def test_a_client_failing_in_one_round_is_left_out_with_a_warning(tiny_mnist_dir
 def test_forgetting_the_last_class_kept_is_served_with_a_warning(tiny_mnist_dir, tmp_path, monkeypatch):
     base = tiny_run_config(tiny_mnist_dir, tmp_path, **STRONG_UNLEARNING)
     run_server({**base, "phase": "train"})
-    warnings = []
-
-    def record(level, message, *args):
-        if level == logging.WARNING:
-            warnings.append(message % args)
-
-    monkeypatch.setattr(experiment, "log", record)
+    warnings = warnings_logged(monkeypatch, experiment)
     run_server({**base, "phase": "unlearn", "forget-class": "0+1+2+3+4+5+6+7+8"})
     assert warnings == []
     run_server({**base, "phase": "unlearn", "forget-class": "9"})
