@@ -371,8 +371,9 @@ class Experiment:  # pylint: disable=too-many-instance-attributes
         state = self.forgotten
         after = state.after(action, request)
         if action == "unlearn" and len(after.classes) == self.spec.num_classes:
-            log(WARNING, "%s leaves no class to keep: no data is left to recover on, and on a class the model "
-                "predicts everywhere gradient ascent finds almost no gradient (README: Unlearning)", request.label)
+            log(WARNING, "%s leaves no class to keep: no data is left to recover on, and where the model predicts "
+                "the class everywhere with a large margin, gradient ascent finds almost no gradient and the class "
+                "may stay (README: Unlearning)", request.label)
         excluded = state.classes | after.classes | (set(request.targets) if request.kind == "class" else set())
 
         def split(model: ArrayRecord) -> SplitAccuracy:
