@@ -306,8 +306,9 @@ class RelearnStrategy(RecoverStrategy):
     ----------
     relearn_classes : list[int]
         Class-level relearning: the classes coming back; each client repeats their
-        samples to make up about a third of its data (they would otherwise be a
-        tenth of it and come back slowly). Empty for a client.
+        samples so that each one it holds weighs half as much as the rest of its data
+        (one class: about a third; they would otherwise be a tenth of it and come back
+        slowly). Empty for a client.
     **kwargs
         As for :class:`RecoverStrategy` (``participants``: the clients not forgotten,
         a relearned client included).

@@ -90,11 +90,19 @@ def test_forget_and_retain_data_select_by_class():
     assert retained.labels.tolist() == [0, 1, 0, 1]
 
 
-def test_relearned_classes_are_repeated_to_about_a_third_of_the_data():
+def test_each_relearned_class_is_repeated_to_weigh_half_as_much_as_the_other_data():
     synthetic = LabeledImages(torch.zeros(4, 1, 1, 1), torch.tensor([0, 1, 2, 2]))
     store = SyntheticSet(synthetic, LabeledImages(torch.ones(4, 1, 1, 1), torch.tensor([0, 1, 2, 2])))
     data = relearn_data(store, [1], excluded_classes=[])
     assert torch.bincount(data.labels).tolist() == [2, 4, 4]  # class 1 twice (6 others / (2 x 2) rounds to 2): 4 of 10
+    # two classes held (4 samples) against 4 others: 2 x 4 / (2 x 4) = 1 repeat; the
+    # same request at a client holding only one of them is a one-class relearning
+    assert torch.bincount(relearn_data(store, [0, 1], excluded_classes=[]).labels).tolist() == [2, 2, 4]
+    assert torch.bincount(relearn_data(store, [1, 7], excluded_classes=[]).labels).tolist() == [2, 4, 4]
+    wide = SyntheticSet(LabeledImages(torch.zeros(12, 1, 1, 1), torch.tensor([0, 1] + [2] * 10)),
+                        LabeledImages(torch.zeros(0, 1, 1, 1), torch.zeros(0, dtype=torch.long)))
+    # 10 others: one class alone would be repeated 5 times; two held: 2 x 10 / (2 x 2) = 5 each
+    assert torch.bincount(relearn_data(wide, [0, 1], excluded_classes=[]).labels).tolist() == [5, 5, 10]
     assert torch.bincount(relearn_data(store, [], excluded_classes=[2]).labels).tolist() == [2, 2]
     assert torch.bincount(relearn_data(store, [1], excluded_classes=[0, 2]).labels).tolist() == [0, 2]
 
