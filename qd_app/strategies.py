@@ -165,12 +165,12 @@ class StageStrategy(FedAvg):
     def _account(self, server_round: int, replies: Iterable[Message]) -> list[Message]:
         """Record the round's cost; return the replies without errors (raise if there are none)."""
         replies = list(replies)
+        failed = [reply for reply in replies if reply.has_error()]
         valid = [reply for reply in replies if not reply.has_error()]
         if not valid:
             self.finish_round()
             raise StageFailedError(_failure_summary(self.stage_name, server_round, replies))
-        if len(valid) < len(replies):
-            failed = [reply for reply in replies if reply.has_error()]
+        if failed:
             log(WARNING, "%s round %s: %s of %s clients failed and are left out of the average: %s",
                 self.stage_name, server_round, len(failed), len(replies), " | ".join(_reasons(failed)))
         self.last_metrics = {reply.metadata.src_node_id: _metrics(reply) for reply in valid}
