@@ -1,4 +1,5 @@
-"""qd_app ClientApp: receives messages, calls :mod:`qd_app.client_tasks`, replies.
+"""qd_app ClientApp: one handler per message type of :mod:`qd_app.protocol`, each calling a task
+of :mod:`qd_app.client.tasks` and replying with its records.
 
 A handler that fails on bad input (a :class:`~qd_app.errors.UserFacingError`)
 replies with an error whose reason is that one message, so the server can stop the
@@ -13,10 +14,10 @@ from flwr.app import Context, Error, Message, RecordDict
 from flwr.clientapp import ClientApp
 from flwr.common.constant import ErrorCode
 
-from . import client_tasks
-from .client_tasks import ClientRun
+from . import protocol
+from .client import tasks
+from .client.tasks import ClientRun
 from .errors import UserFacingError
-from .strategies import COMPUTE_SECONDS
 
 app = ClientApp()
 
@@ -37,64 +38,65 @@ def replies_errors(handler: Handler) -> Handler:
     return wrapped
 
 
+def _train_reply(task: tasks.TrainTask, msg: Message, context: Context) -> Message:
+    """Run a training task on the received model and settings; reply with the model and metrics."""
+    client = ClientRun.from_context(context)
+    started = time.perf_counter()
+    arrays, metrics = task(client, msg.content[protocol.ARRAYS], msg.content[protocol.CONFIG])
+    metrics[protocol.COMPUTE_SECONDS] = time.perf_counter() - started
+    return Message(RecordDict({protocol.ARRAYS: arrays, protocol.METRICS: metrics}), reply_to=msg)
+
+
 @app.query()
 @replies_errors
 def query(msg: Message, context: Context) -> Message:
-    """Report this client's partition and class counts (the server's inventory)."""
-    client = ClientRun.from_context(context)
-    return Message(RecordDict({"inventory": client_tasks.inventory(client)}), reply_to=msg)
+    """Report this client's partition, class counts and store (the server's inventory)."""
+    inventory = tasks.inventory(ClientRun.from_context(context))
+    return Message(RecordDict({protocol.INVENTORY: inventory}), reply_to=msg)
 
 
-@app.query("activation_stats")
+@app.query(protocol.ACTIVATION_STATS)
 @replies_errors
 def query_activation_stats(msg: Message, context: Context) -> Message:
     """FU-MP: report per-class activation statistics of the received model's prunable units."""
     client = ClientRun.from_context(context)
-    statistics = client_tasks.activation_stats(client, msg.content["arrays"])
-    return Message(RecordDict({"statistics": statistics}), reply_to=msg)
-
-
-def _train_reply(task: client_tasks.TrainTask, msg: Message, context: Context) -> Message:
-    client = ClientRun.from_context(context)
-    started = time.perf_counter()
-    arrays, metrics = task(client, msg.content["arrays"], msg.content["config"])
-    metrics[COMPUTE_SECONDS] = time.perf_counter() - started
-    return Message(RecordDict({"arrays": arrays, "metrics": metrics}), reply_to=msg)
+    statistics = tasks.activation_stats(client, msg.content[protocol.ARRAYS], msg.content[protocol.CONFIG])
+    return Message(RecordDict({protocol.STATISTICS: statistics}), reply_to=msg)
 
 
 @app.train()
 @replies_errors
 def train(msg: Message, context: Context) -> Message:
     """Local SGD on the client's data from the received model (FedAvg)."""
-    return _train_reply(client_tasks.local_train, msg, context)
+    return _train_reply(tasks.local_train, msg, context)
 
 
-@app.train("distill")
+@app.train(protocol.DISTILL)
 @replies_errors
 def train_distill(msg: Message, context: Context) -> Message:
     """Local SGD that also distils the client's data into its synthetic store (QuickDrop)."""
-    return _train_reply(client_tasks.distill_train, msg, context)
+    return _train_reply(tasks.distill_train, msg, context)
 
 
-@app.train("unlearn")
+@app.train(protocol.UNLEARN)
 @replies_errors
 def train_unlearn(msg: Message, context: Context) -> Message:
-    """Gradient ascent on the synthetic forget data."""
-    return _train_reply(client_tasks.unlearn, msg, context)
+    """Gradient ascent on the forget data."""
+    return _train_reply(tasks.unlearn, msg, context)
 
 
-@app.train("recover")
+@app.train(protocol.RECOVER)
 @replies_errors
 def train_recover(msg: Message, context: Context) -> Message:
-    """SGD on the synthetic retain data and augmentation samples."""
-    return _train_reply(client_tasks.train_on_store, msg, context)
+    """SGD on the retain data (QuickDrop: synthetic images and augmentation samples)."""
+    return _train_reply(tasks.train_on_store, msg, context)
 
 
-@app.train("relearn")
+@app.train(protocol.RELEARN)
 @replies_errors
 def train_relearn(msg: Message, context: Context) -> Message:
-    """SGD on the synthetic data with the relearned classes or client back in."""
-    return _train_reply(client_tasks.train_on_store, msg, context)
+    """SGD with the relearned classes or client back in."""
+    return _train_reply(tasks.train_on_store, msg, context)
 
 
 @app.evaluate()
@@ -102,5 +104,5 @@ def train_relearn(msg: Message, context: Context) -> Message:
 def evaluate(msg: Message, context: Context) -> Message:
     """Evaluate the received model on the client's own training data."""
     client = ClientRun.from_context(context)
-    metrics = client_tasks.local_evaluate(client, msg.content["arrays"])
-    return Message(RecordDict({"metrics": metrics}), reply_to=msg)
+    metrics = tasks.local_evaluate(client, msg.content[protocol.ARRAYS])
+    return Message(RecordDict({protocol.METRICS: metrics}), reply_to=msg)

@@ -17,19 +17,20 @@ from pathlib import Path
 from typing import Any
 
 from .errors import ConfigError
-from .unlearning_requests import UnlearningRequest, parse_requests
+from .request import UnlearningRequest, parse_requests
 
 DATASET_CLASSES = {"mnist": 10, "fashion-mnist": 10, "cifar10": 10, "svhn": 10}
 DATASET_NAMES = tuple(DATASET_CLASSES)
 PARTITIONINGS = ("dirichlet", "iid")
 PHASES = ("all", "train", "unlearn", "relearn")
-METHODS = ("quickdrop", "retrain", "sga", "federaser", "fu-mp", "s2u")
 MODEL_NAMES = ("convnet",)
 MODEL_NORMS = ("instance", "batch", "none")
 MODEL_POOLINGS = ("avg", "max", "none")
 PRUNE_TARGETS = ("features", "channels")
 _EXPERIMENT_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 _DEVICE_PATTERN = re.compile(r"^(auto|cpu|cuda(:\d+)?)$")
+# a registered method's name (qd_app.methods.REGISTRY resolves it) or an import path module:Class
+_METHOD_PATTERN = re.compile(r"^([a-z0-9][a-z0-9-]*|[A-Za-z_][\w.]*:[A-Za-z_]\w*)$")
 
 
 def invalid(key: str, value: Any, allowed: str) -> ConfigError:
@@ -120,7 +121,6 @@ class RunConfig:  # pylint: disable=too-many-instance-attributes
             "dataset": DATASET_NAMES,
             "partitioning": PARTITIONINGS,
             "phase": PHASES,
-            "method": METHODS,
             "model": MODEL_NAMES,
             "model-norm": MODEL_NORMS,
             "model-pooling": MODEL_POOLINGS,
@@ -159,6 +159,9 @@ class RunConfig:  # pylint: disable=too-many-instance-attributes
         for key in ("federaser-ratio", "prune-fraction", "s2u-scale"):
             if not 0.0 < getattr(self, _field_name(key)) <= 1.0:
                 raise invalid(key, getattr(self, _field_name(key)), "must be in (0, 1]")
+        if not _METHOD_PATTERN.match(self.method):
+            raise invalid("method", self.method, "must be a method's name (quickdrop, sga, retrain, ...) or the "
+                          "import path of your own method, 'package.module:ClassName'")
         if not _DEVICE_PATTERN.match(self.device):
             raise invalid("device", self.device, "must be auto, cpu, cuda or cuda:<index>")
         self.resolved_run_config()  # resolving the directories validates them

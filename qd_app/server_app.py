@@ -1,4 +1,5 @@
-"""qd_app ServerApp: validates the run settings and hands the run to :mod:`qd_app.experiment`."""
+"""qd_app ServerApp: validates the run settings and runs the phase with the chosen method
+(:func:`qd_app.server.experiment.run_phase`)."""
 
 from logging import ERROR
 
@@ -8,7 +9,7 @@ from flwr.serverapp import Grid, ServerApp
 
 from .config import RunConfig
 from .errors import UserFacingError
-from .experiment import run_phase
+from .server.experiment import run_phase
 
 app = ServerApp()
 
@@ -17,8 +18,7 @@ app = ServerApp()
 def main(grid: Grid, context: Context) -> None:
     """Run the experiment the run config describes."""
     try:
-        config = RunConfig.from_run_config(context.run_config)
-        run_phase(grid, config)
+        run_phase(grid, RunConfig.from_run_config(context.run_config))
     except UserFacingError as exc:
         log(ERROR, "%s", exc)
         raise

@@ -16,7 +16,7 @@ for _key, _value in {
 }.items():
     os.environ.setdefault(_key, _value)
 
-from qd_app.provisioning import write_idx  # noqa: E402  (after the environment is set)
+from qd_app.core.provisioning import write_idx  # noqa: E402  (after the environment is set)
 
 
 def pattern_images(labels: np.ndarray, size: int, channels: int, seed: int) -> np.ndarray:

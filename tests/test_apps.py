@@ -9,13 +9,13 @@ import pytest
 from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, RecordDict
 from inprocess import InProcessGrid, node_context, set_task_identity
 
-from qd_app import data
+from qd_app.core import data
 from qd_app.client_app import app as client_app
 from qd_app.config import RunConfig
 from qd_app.errors import ConfigError, FederationError
-from qd_app.models import ModelSpec, build_model
+from qd_app.core.models import ModelSpec, build_model
 from qd_app.server_app import app as server_app
-from qd_app.strategies import TrainingStrategy
+from qd_app.methods.strategies import TrainingStrategy
 
 
 def tiny_run_config(data_dir, output_dir, **overrides) -> dict:

@@ -7,18 +7,12 @@ import math
 import pytest
 import torch
 
-from qd_app.baselines import (
-    UpdateHistory,
-    calibrated_update,
-    activation_statistics,
-    prunable_layers,
-    prune,
-    tf_idf_scores,
-    weighted_sum,
-)
 from qd_app.config import RunConfig
-from qd_app.data import load_split
-from qd_app.models import ModelSpec, build_model
+from qd_app.core.aggregation import calibrated_update, weighted_sum
+from qd_app.core.data import load_split
+from qd_app.core.models import ModelSpec, build_model
+from qd_app.core.pruning import activation_statistics, prunable_layers, prune, tf_idf_scores
+from qd_app.server.history import UpdateHistory
 
 
 def test_calibration_keeps_the_new_direction_with_the_old_norm():

@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import pytest
 
-from qd_app.bench import SUITES, method_row, markdown, plot, summarise
+from qd_app.bench.plots import plot
+from qd_app.bench.report import markdown, summarise
+from qd_app.bench.runner import method_row
+from qd_app.bench.suites import SUITES
 
 
 def row(seconds: float, forget: float, retain: float) -> dict:

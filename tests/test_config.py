@@ -8,9 +8,9 @@ from pathlib import Path
 import pytest
 
 from qd_app.config import DATASET_NAMES, MODEL_NAMES, NodeSettings, RunConfig
-from qd_app.data import DATASETS
+from qd_app.core.data import DATASETS
 from qd_app.errors import ConfigError
-from qd_app.models import MODEL_BUILDERS
+from qd_app.core.models import MODEL_BUILDERS
 
 PYPROJECT = Path(__file__).resolve().parents[1] / "pyproject.toml"
 

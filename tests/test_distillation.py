@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from qd_app.config import RunConfig
-from qd_app.data import LabeledImages, load_split
-from qd_app.distillation import (
+from qd_app.core.data import LabeledImages, load_split
+from qd_app.core.distillation import (
     class_distance,
     finetune_synthetic,
     gradient_distance,
@@ -18,8 +18,8 @@ from qd_app.distillation import (
     synthetic_count,
     train_with_distillation,
 )
-from qd_app.models import ModelSpec, build_model
-from qd_app.training import make_optimizer, seeded_generator
+from qd_app.core.models import ModelSpec, build_model
+from qd_app.core.training import make_optimizer, seeded_generator
 
 
 def test_layer_distance_by_hand():
@@ -86,7 +86,7 @@ def test_training_with_distillation_updates_the_model_as_sgd_would_and_changes_t
         distilled, data, store, optimizer=make_optimizer(distilled, 0.05), image_lr=0.1, image_momentum=0.5,
         image_batch=4, epochs=1, batch_size=50, generator=seeded_generator(1),
     )
-    from qd_app.training import train_epochs
+    from qd_app.core.training import train_epochs
 
     train_epochs(plain, data, optimizer=make_optimizer(plain, 0.05), epochs=1, batch_size=50,
                  generator=seeded_generator(1))

@@ -10,7 +10,7 @@ import json
 
 import pytest
 
-from qd_app.local_federation import SimulationSuperLink
+from qd_app.bench.superlink import SimulationSuperLink
 
 
 @pytest.fixture(scope="module")

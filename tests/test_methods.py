@@ -12,7 +12,7 @@ import torch
 from test_apps import run_server, tiny_run_config
 
 from qd_app.errors import RequestError
-from qd_app.unlearning import LOSS_CAP
+from qd_app.core.unlearning import LOSS_CAP
 
 STAGES = {
     "quickdrop": ["unlearn", "recover"],

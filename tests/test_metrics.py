@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from qd_app.metrics import confidence_features, membership_inference, output_kl, tug_of_war
+from qd_app.core.metrics import confidence_features, membership_inference, output_kl, tug_of_war
 
 
 def test_tug_of_war_by_hand():

@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from qd_app.config import RunConfig
-from qd_app.data import DATASETS
-from qd_app.models import ConvNet, ModelSpec, build_model
+from qd_app.core.data import DATASETS
+from qd_app.core.models import ConvNet, ModelSpec, build_model
 
 
 @pytest.mark.parametrize("dataset", sorted(DATASETS))

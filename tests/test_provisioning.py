@@ -10,10 +10,10 @@ from pathlib import Path
 
 import pytest
 
-from qd_app import provisioning
-from qd_app.data import DATASETS, load_split
+from qd_app.core import provisioning
+from qd_app.core.data import DATASETS, load_split
 from qd_app.errors import DatasetUnavailableError
-from qd_app.provisioning import ensure_dataset
+from qd_app.core.provisioning import ensure_dataset
 
 
 @dataclass

@@ -7,10 +7,10 @@ import os
 import pytest
 import torch
 
-from qd_app.data import LabeledImages
-from qd_app.distillation import SyntheticSet
+from qd_app.core.data import LabeledImages
+from qd_app.core.distillation import SyntheticSet
 from qd_app.errors import StoreError
-from qd_app.store import check_identity, load_store, save_store, store_path
+from qd_app.client.store import check_identity, load_store, save_store, store_path
 
 
 def make_set(value: float) -> SyntheticSet:

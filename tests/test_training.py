@@ -7,9 +7,9 @@ import math
 import torch
 
 from qd_app.config import RunConfig
-from qd_app.data import LabeledImages, load_split
-from qd_app.models import ModelSpec, build_model
-from qd_app.training import (
+from qd_app.core.data import LabeledImages, load_split
+from qd_app.core.models import ModelSpec, build_model
+from qd_app.core.training import (
     batch_indices,
     make_optimizer,
     per_class_accuracy,

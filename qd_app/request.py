@@ -1,29 +1,20 @@
-"""Unlearning requests: what to forget, how the settings name it, and the record of served requests.
+"""Unlearning requests: what to forget, and how the settings name it.
 
 ``forget-class`` and ``forget-client`` take a small grammar: ``"9"`` is one request,
 ``"3+5"`` forgets classes 3 and 5 together (parallel), ``"5,8,0"`` is a sequence of
 requests served one after another (each with its recovery), and ``forget-class="all"``
 forgets every class one after another in a random order drawn from ``seed`` (the
 QuickDrop paper's Figure 4).
-
-The server keeps an append-only record (``requests.jsonl``) of every request it
-served (unlearning and relearning); which classes and clients are forgotten right now
-follows from replaying it.
 """
 
 from __future__ import annotations
 
-import json
-import os
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from .errors import ConfigError
-
-LOG_FILE = "requests.jsonl"
 
 
 @dataclass(frozen=True)
@@ -78,44 +69,3 @@ def parse_requests(
             raise ConfigError(f"invalid setting {key}={text!r}: a {kind} appears twice in one request")
         requests.append(UnlearningRequest(kind, tuple(sorted(targets))))
     return requests
-
-
-class RequestLog:
-    """The append-only record of served requests, one JSON object per line."""
-
-    def __init__(self, output_path: Path) -> None:
-        self.path = output_path / LOG_FILE
-
-    def entries(self, lineage: str | None = None) -> list[dict[str, Any]]:
-        """Complete entries, oldest first, optionally only those about one trained model
-        (``lineage``); a torn last line left by a crash is skipped."""
-        if not self.path.exists():
-            return []
-        entries = []
-        for line in self.path.read_text(encoding="utf-8").splitlines():
-            try:
-                entries.append(json.loads(line))
-            except ValueError:
-                continue
-        return [e for e in entries if lineage is None or e.get("lineage") == lineage]
-
-    def append_entry(self, entry: dict[str, Any]) -> None:
-        """Append one entry (with ``action``, ``kind``, ``targets``) as one write of one line, flushed to disk."""
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        descriptor = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
-        try:
-            os.write(descriptor, (json.dumps(entry, allow_nan=False) + "\n").encode())
-            os.fsync(descriptor)
-        finally:
-            os.close(descriptor)
-
-    def forgotten(self, lineage: str | None = None) -> tuple[set[int], set[int]]:
-        """Classes and clients forgotten now: unlearned and not relearned since."""
-        forgotten: dict[str, set[int]] = {"class": set(), "client": set()}
-        for entry in self.entries(lineage):
-            targets = set(entry["targets"])
-            if entry["action"] == "unlearn":
-                forgotten[entry["kind"]] |= targets
-            else:
-                forgotten[entry["kind"]] -= targets
-        return forgotten["class"], forgotten["client"]

@@ -14,11 +14,12 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from logging import INFO
 
-from flwr.app import ConfigRecord, Message, MessageType, RecordDict
+from flwr.app import ConfigRecord, Message, RecordDict
 from flwr.common import log
 from flwr.serverapp import Grid
 
-from .errors import FederationError
+from .. import protocol
+from ..errors import FederationError
 
 NODE_WAIT_TIMEOUT_S = 600.0
 POLL_INTERVAL_S = 1.0
@@ -32,7 +33,7 @@ class ClientInfo:
     partition_id: int
     num_partitions: int
     class_counts: tuple[int, ...]
-    store_status: str = "missing"
+    store_status: str = protocol.STORE_STATUS_MISSING
     synthetic_counts: tuple[int, ...] = ()
     store_bytes: int = 0
 
@@ -74,9 +75,7 @@ class Federation:
         return [node for node in self.node_ids if keep(self.clients[node])]
 
 
-def discover_federation(
-    grid: Grid, config: ConfigRecord, timeout_s: float = NODE_WAIT_TIMEOUT_S
-) -> Federation:
+def discover_federation(grid: Grid, timeout_s: float = NODE_WAIT_TIMEOUT_S) -> Federation:
     """Query every node until all partitions are present; see the module docstring.
 
     Raises
@@ -93,7 +92,7 @@ def discover_federation(
     while expected is None or len(clients) < expected:
         new_nodes = [node for node in grid.get_node_ids() if node not in clients]
         if new_nodes:
-            for info in _query(grid, new_nodes, config):
+            for info in _query(grid, new_nodes):
                 clients[info.node_id] = info
             expected = _check_consistent(clients.values())
             continue
@@ -116,25 +115,25 @@ def discover_federation(
     return federation
 
 
-def _query(grid: Grid, node_ids: list[int], config: ConfigRecord) -> list[ClientInfo]:
+def _query(grid: Grid, node_ids: list[int]) -> list[ClientInfo]:
     messages = [
-        Message(RecordDict({"config": config}), dst_node_id=node, message_type=MessageType.QUERY)
+        Message(RecordDict({protocol.CONFIG: ConfigRecord()}), dst_node_id=node, message_type=protocol.QUERY)
         for node in node_ids
     ]
     infos = []
     for reply in grid.send_and_receive(messages):
         if reply.has_error():
             raise FederationError(f"node {reply.metadata.src_node_id}: {reply.error.reason}")
-        answer = reply.content["inventory"]
+        answer = reply.content[protocol.INVENTORY]
         infos.append(
             ClientInfo(
                 node_id=reply.metadata.src_node_id,
-                partition_id=int(answer["partition-id"]),
-                num_partitions=int(answer["num-partitions"]),
-                class_counts=tuple(int(c) for c in answer["class-counts"]),
-                store_status=str(answer["store-status"]),
-                synthetic_counts=tuple(int(c) for c in answer["synthetic-counts"]),
-                store_bytes=int(answer["store-bytes"]),
+                partition_id=int(answer[protocol.PARTITION_ID]),
+                num_partitions=int(answer[protocol.NUM_PARTITIONS]),
+                class_counts=tuple(int(c) for c in answer[protocol.CLASS_COUNTS]),
+                store_status=str(answer[protocol.STORE_STATUS]),
+                synthetic_counts=tuple(int(c) for c in answer[protocol.SYNTHETIC_COUNTS]),
+                store_bytes=int(answer[protocol.STORE_BYTES]),
             )
         )
     return infos

@@ -15,8 +15,10 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .config import RunConfig
+from ..config import RunConfig
 from .data import DatasetSpec, dataset_spec
+
+StateDict = dict[str, torch.Tensor]  # a model's parameters and buffers by name
 
 
 @dataclass(frozen=True)

@@ -15,9 +15,10 @@ from typing import Any
 
 import torch
 
-from .atomic import atomic_write_bytes, atomic_write_text
-from .errors import RequestError
+from ..atomic import atomic_write_bytes, atomic_write_text
+from ..errors import RequestError
 from .evaluation import RoundRecord, SplitAccuracy
+from .stages import StageCost
 
 RESULTS_FILE = "results.json"
 CHECKPOINT_FILE = "model.pt"
@@ -78,6 +79,18 @@ class StageRecord:  # pylint: disable=too-many-instance-attributes
             **split.as_dict(),
             "class-accuracy": list(self.class_accuracy),
         }
+
+    @classmethod
+    def from_cost(cls, name: str, cost: StageCost, **outcome: Any) -> StageRecord:
+        """The record of a stage that ran: its cost, and its outcome (accuracy, rounds, split, ...)."""
+        return cls(name=name, rounds=cost.rounds, seconds=cost.seconds, samples=cost.samples,
+                   sample_gradients=cost.sample_gradients, bytes=cost.bytes_sent + cost.bytes_received,
+                   compute_seconds=cost.compute_seconds, distill_seconds=cost.distill_seconds, **outcome)
+
+    def summary(self) -> str:
+        """One line for the log."""
+        return (f"{self.rounds} rounds in {self.seconds:.2f} s (+{self.eval_seconds:.1f} s evaluation), "
+                f"{self.samples} samples, test accuracy {100 * self.accuracy:.2f}%{_split_text(self.split)}")
 
     @classmethod
     def from_dict(cls, entry: dict[str, Any]) -> StageRecord:
@@ -177,6 +190,26 @@ def load_checkpoint(output_path: Path, name: str = CHECKPOINT_FILE) -> dict[str,
         raise RequestError(f"{path} has checkpoint format {content.get('format-version')}, "
                            f"this app reads {CHECKPOINT_FORMAT_VERSION}")
     return content
+
+
+def entry_summary(entry: dict[str, Any]) -> str:
+    """One line for the log: a served request's F-Set / R-Set before and after each stage, and its seconds."""
+    parts = [f"before F {_percent(entry['before']['forget-accuracy'])} R {_percent(entry['before']['retain-accuracy'])}"]
+    for key, value in entry.items():
+        if key.startswith("after-") and value:
+            parts.append(f"{key} F {_percent(value['forget-accuracy'])} R {_percent(value['retain-accuracy'])}")
+    parts.append(f"{entry['total-seconds']:.2f} s")
+    return "; ".join(parts)
+
+
+def _split_text(split: SplitAccuracy | None) -> str:
+    if split is None:
+        return ""
+    return f", F-Set {_percent(split.forget)}, R-Set {_percent(split.retain)}"
+
+
+def _percent(value: float | None) -> str:
+    return "n/a" if value is None else f"{100 * value:.2f}%"
 
 
 def plot_class_accuracy(output_path: Path, rounds: list[RoundRecord], class_names: list[str]) -> Path:

@@ -20,7 +20,7 @@ import tempfile
 import time
 from pathlib import Path
 
-PROJECT = Path(__file__).resolve().parents[1]
+PROJECT = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent  # flwr, flower-superlink and flwr-simulation live beside python
 OFFLINE_ENVIRONMENT = {
     "FLWR_TELEMETRY_ENABLED": "0",

@@ -22,10 +22,10 @@ from typing import Any
 
 import torch
 
-from .atomic import atomic_write_bytes
-from .data import LabeledImages
-from .distillation import SyntheticSet
-from .errors import StoreError
+from ..atomic import atomic_write_bytes
+from ..core.data import LabeledImages
+from ..core.distillation import SyntheticSet
+from ..errors import StoreError
 
 MAGIC = b"QDSTORE\n"
 FORMAT_VERSION = 1

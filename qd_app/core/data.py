@@ -18,7 +18,7 @@ import numpy as np
 import torch
 import torchvision
 
-from .config import NodeSettings, RunConfig
+from ..config import NodeSettings, RunConfig
 from .provisioning import ensure_dataset
 
 

@@ -1,8 +1,9 @@
-"""Server-side evaluation of the global model on the full test set, per class.
+"""Evaluation of global models: on the test set per class (server side), and on the clients' own data.
 
-The :class:`ServerEvaluator` gives each stage an ``evaluate_fn`` for
-``Strategy.start``: it numbers rounds across stages (so one plot spans the whole
-experiment) and keeps the history as :class:`RoundRecord` entries.
+The :class:`ServerEvaluator` gives each stage an ``evaluate_fn``: it numbers rounds
+across stages (so one plot spans the whole experiment) and keeps the history as
+:class:`RoundRecord` entries. F-Set / R-Set accuracy of a request comes from
+:func:`class_split` (test set) or :func:`client_split` (:func:`evaluate_on_clients`).
 """
 
 from __future__ import annotations
@@ -14,14 +15,18 @@ from dataclasses import dataclass
 from logging import INFO
 
 import torch
-from flwr.app import ArrayRecord, MetricRecord
+from flwr.app import ArrayRecord, Message, MetricRecord, RecordDict
 from flwr.common import log
+from flwr.serverapp import Grid
 
-from .config import RunConfig
-from .data import dataset_spec, evaluation_split
-from .models import ModelSpec, build_model
-from .training import logits, per_class_accuracy
-from .unlearning import class_losses
+from .. import protocol
+from ..config import RunConfig
+from ..core.data import dataset_spec, evaluation_split
+from ..core.models import ModelSpec, build_model
+from ..core.training import logits, per_class_accuracy
+from ..core.unlearning import class_losses
+from ..errors import StageFailedError
+from .federation import Federation
 
 
 @dataclass(frozen=True)
@@ -158,3 +163,18 @@ class ServerEvaluator:
             return accuracy_metrics(accuracy, classes)
 
         return evaluate_fn
+
+
+def evaluate_on_clients(grid: Grid, federation: Federation, arrays: ArrayRecord) -> tuple[dict[int, float],
+                                                                                         dict[int, int]]:
+    """Every client's correct predictions and sample count on its own training data (by partition)."""
+    content = RecordDict({protocol.ARRAYS: arrays})
+    messages = [Message(content, dst_node_id=node, message_type=protocol.EVALUATE) for node in federation.node_ids]
+    correct, totals = {}, {}
+    for reply in grid.send_and_receive(messages):
+        if reply.has_error():
+            raise StageFailedError(f"client evaluation failed: {reply.error.reason}")
+        metrics = reply.content[protocol.METRICS]
+        partition = federation.partition_of(reply.metadata.src_node_id)
+        correct[partition], totals[partition] = float(metrics[protocol.CORRECT]), int(metrics[protocol.NUM_EXAMPLES])
+    return correct, totals

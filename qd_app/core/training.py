@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .config import invalid
+from ..config import invalid
 from .data import LabeledImages
 
 

@@ -1,0 +1,175 @@
+"""The suite's numbers over seeds (mean and spread) and its Markdown tables."""
+
+from __future__ import annotations
+
+import math
+import statistics
+from typing import Any
+
+from ..methods import resolve_method
+from .suites import Suite, config_text
+
+
+def _mean_std(values: list[float]) -> tuple[float, float]:
+    values = [v for v in values if v is not None and not (isinstance(v, float) and math.isnan(v))]
+    if not values:
+        return math.nan, math.nan
+    return statistics.fmean(values), statistics.pstdev(values) if len(values) > 1 else 0.0
+
+
+def _speedup(rows: list[dict[str, Any]], seeds: list[dict[str, Any]], key: str) -> tuple[float, float]:
+    """How many times QuickDrop's ``key`` seconds fit in each row's, per seed (mean, spread)."""
+    return _mean_std([row[key] / seed["methods"]["quickdrop"][key] for row, seed in zip(rows, seeds)])
+
+
+def summarise(seeds: list[dict[str, Any]], methods: tuple[str, ...]) -> dict[str, dict[str, Any]]:
+    """Mean and spread over seeds of every reported number, per method."""
+    summary = {}
+    for method in methods:
+        rows = [seed["methods"][method] for seed in seeds]
+        entry = {
+            "seconds": _mean_std([r["seconds"] for r in rows]),
+            "forget": _mean_std([r["forget"] for r in rows]),
+            "retain": _mean_std([r["retain"] for r in rows]),
+            "forget-after-unlearn": _mean_std([r["after"].get("unlearn", {}).get("forget-accuracy")
+                                               if "unlearn" in r["after"] else None for r in rows]),
+            "sample-gradients": _mean_std([r["sample-gradients"] for r in rows]),
+            "bytes": _mean_std([r["bytes"] for r in rows]),
+            "compute-seconds": _mean_std([r.get("compute-seconds") for r in rows]),
+        }
+        if "quickdrop" in methods:
+            entry["quickdrop-speedup"] = _speedup(rows, seeds, "seconds")
+        for key in ("mia", "kl-vs-retrain", "tug-of-war"):
+            if all(key in r for r in rows):
+                entry[key] = _mean_std([r[key] for r in rows])
+        if all("relearn" in r for r in rows):
+            entry["relearn-forget"] = _mean_std([r["relearn"]["forget-accuracy"] for r in rows])
+            entry["relearn-retain"] = _mean_std([r["relearn"]["retain-accuracy"] for r in rows])
+            entry["relearn-seconds"] = _mean_std([r["relearn-seconds"] for r in rows])
+            if "quickdrop" in methods:
+                entry["relearn-quickdrop-speedup"] = _speedup(rows, seeds, "relearn-seconds")
+        summary[method] = entry
+    return summary
+
+
+def method_title(method: str) -> str:
+    """A method's name in tables and figures (e.g. ``SGA-Or``), from the method registry."""
+    return resolve_method(method).title
+
+
+def _cell(value: tuple[float, float], percent: bool = False, digits: int = 2) -> str:
+    mean, spread = value
+    if math.isnan(mean):
+        return "—"
+    scale = 100 if percent else 1
+    return f"{scale * mean:.{digits}f} ± {scale * spread:.{digits}f}" + (" %" if percent else "")
+
+
+def markdown(suite: Suite, report: dict[str, Any]) -> str:
+    """The suite's tables in Markdown."""
+    lines = [f"## {suite.title}", "", f"Command: `{report['command']}`  ", f"Machine: {report['machine']}  ",
+             f"Seeds: {report['seeds']}; settings: `{config_text(report['settings'])}`", ""]
+    if suite.by_variant:
+        return "\n".join(lines + _variant_lines(suite, report)) + "\n"
+    for variant, result in report["variants"].items():
+        if variant:
+            lines += [f"### {variant}", ""]
+        header = ("| method | F-Set after unlearning | F-Set | R-Set | seconds (unlearn + recover) | "
+                  "QuickDrop faster by | sample gradients | MB sent |")
+        model_metrics = any("mia" in entry for entry in result["summary"].values())
+        if model_metrics:
+            header += " MIA on forget set | ToW | KL vs Retrain-Or |"
+        lines += [header, "|" + " --- |" * header.count("|", 1)]
+        for method, entry in result["summary"].items():
+            line = (f"| {method_title(method)} | {_cell(entry['forget-after-unlearn'], True)} | "
+                    f"{_cell(entry['forget'], True)} | {_cell(entry['retain'], True)} | {_cell(entry['seconds'])} | "
+                    f"{_cell(entry.get('quickdrop-speedup', (math.nan, 0)), digits=1)}x | "
+                    f"{_cell(entry['sample-gradients'], digits=0)} | "
+                    f"{_cell((entry['bytes'][0] / 1e6, entry['bytes'][1] / 1e6))} |")
+            if model_metrics:
+                line += (f" {_cell(entry.get('mia', (math.nan, 0)), True)} | "
+                         f"{_cell(entry.get('tug-of-war', (math.nan, 0)), digits=3)} | "
+                         f"{_cell(entry.get('kl-vs-retrain', (math.nan, 0)), digits=4)} |")
+            lines.append(line)
+        if suite.relearn:
+            lines += _relearn_lines(result["summary"])
+        lines += _request_lines(result["seeds"])
+        train = _mean_std([s["train-seconds"] for s in result["seeds"]])
+        lines += ["", f"Training (QuickDrop, with distillation): {_cell(train, digits=1)} s; "
+                      f"FedEraser's stored updates: {_cell(_mean_std([s['federaser-bytes'] / 1e6 for s in result['seeds']]))} MB "
+                      f"on the server; QuickDrop stores: "
+                      f"{_cell(_mean_std([sum(s['store-bytes']) / 1e6 for s in result['seeds']]))} MB over all clients.", ""]
+    return "\n".join(lines) + "\n"
+
+
+def variant_summary(suite: Suite, result: dict[str, Any]) -> dict[str, tuple[float, float]]:
+    """Training cost and (with a method) the request's outcome of one variant of a sweep."""
+    seeds = result["seeds"]
+    row = {
+        "train-accuracy": _mean_std([s["train-accuracy"] for s in seeds]),
+        "train-seconds": _mean_std([s["train-seconds"] for s in seeds]),
+        "train-compute-seconds": _mean_std([s["train-compute-seconds"] for s in seeds]),
+        "train-distill-seconds": _mean_std([s["train-distill-seconds"] for s in seeds]),
+        "overhead": _mean_std([s["train-distill-seconds"] / s["train-compute-seconds"] for s in seeds
+                               if s["train-compute-seconds"]]),
+        "store-mb": _mean_std([sum(s["store-bytes"]) / 1e6 for s in seeds]),
+    }
+    if suite.methods:
+        row.update({key: result["summary"][suite.methods[0]][key]
+                    for key in ("forget-after-unlearn", "forget", "retain", "seconds", "compute-seconds")})
+    return row
+
+
+def _variant_lines(suite: Suite, report: dict[str, Any]) -> list[str]:
+    """One row per variant: training cost and, with a method, the request's outcome."""
+    header = ("| variant | training accuracy | training seconds | clients' training compute (s) | "
+              "of which distillation (s) | distillation share | QuickDrop stores (MB) |")
+    if suite.methods:
+        header += (" F-Set after unlearning | F-Set | R-Set | seconds (unlearn + recover) | "
+                   "clients' compute (s, unlearn + recover) |")
+    lines = [header, "|" + " --- |" * header.count("|", 1)]
+    for variant, result in report["variants"].items():
+        row = variant_summary(suite, result)
+        line = (f"| {variant} | {_cell(row['train-accuracy'], True)} | {_cell(row['train-seconds'], digits=1)} | "
+                f"{_cell(row['train-compute-seconds'], digits=1)} | {_cell(row['train-distill-seconds'], digits=1)} | "
+                f"{_cell(row['overhead'], True, digits=1)} | {_cell(row['store-mb'])} |")
+        if suite.methods:
+            line += (f" {_cell(row['forget-after-unlearn'], True)} | {_cell(row['forget'], True)} | "
+                     f"{_cell(row['retain'], True)} | {_cell(row['seconds'])} | {_cell(row['compute-seconds'])} |")
+        lines.append(line)
+    return lines
+
+
+def _relearn_lines(summary: dict[str, dict[str, Any]]) -> list[str]:
+    """The relearning request's table (the paper's Table 5), and why the model metrics are absent."""
+    lines = ["", "Relearning the class (a later run, `phase=relearn`):", "",
+             "| method | F-Set after relearning | R-Set after relearning | seconds (relearn) | QuickDrop faster by |",
+             "|" + " --- |" * 5]
+    for method, entry in summary.items():
+        lines.append(f"| {method_title(method)} | {_cell(entry['relearn-forget'], True)} | "
+                     f"{_cell(entry['relearn-retain'], True)} | {_cell(entry['relearn-seconds'])} | "
+                     f"{_cell(entry.get('relearn-quickdrop-speedup', (math.nan, 0)), digits=1)}x |")
+    return lines + ["", "MIA, ToW and KL are not measured in this suite: the final models have relearned the class."]
+
+
+def _request_lines(seeds: list[dict[str, Any]]) -> list[str]:
+    """Per-request table (mean ± spread over seeds) for methods that served several requests."""
+    lines = []
+    for method in seeds[0]["methods"]:
+        per_seed = [seed["methods"][method]["requests"] for seed in seeds]
+        if len(per_seed[0]) < 2:
+            continue
+        lines += ["", f"{method_title(method)}, request by request:", "",
+                  "| request | F-Set before | F-Set after unlearning | F-Set after recovery | R-Set before | "
+                  "R-Set after recovery | seconds |", "|" + " --- |" * 7]
+        for index, first in enumerate(per_seed[0]):
+            rows = [requests[index] for requests in per_seed if index < len(requests)]
+
+            def split(stage: str, key: str, rows=rows) -> str:
+                return _cell(_mean_std([(r.get(stage) or {}).get(key) for r in rows]), True)
+
+            lines.append(f"| {first['label']} | {split('before', 'forget-accuracy')} | "
+                         f"{split('after-unlearn', 'forget-accuracy')} | {split('after-recover', 'forget-accuracy')} | "
+                         f"{split('before', 'retain-accuracy')} | {split('after-recover', 'retain-accuracy')} | "
+                         f"{_cell(_mean_std([r['seconds'] for r in rows]))} |")
+    return lines

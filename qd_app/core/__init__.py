@@ -1,0 +1,1 @@
+"""Pure torch math, no Flower: data, models, training, distillation, unlearning, pruning, metrics."""

@@ -1,0 +1,41 @@
+"""Unlearning methods, one module each, found by name through :data:`REGISTRY`.
+
+The ``method`` setting is a registered name or, for a method of your own, an import
+path ``package.module:ClassName`` of an :class:`~qd_app.methods.base.UnlearningMethod`
+subclass (the way Flower names its components). A new method is a module of its own
+and one line here.
+"""
+
+from __future__ import annotations
+
+import importlib
+
+from ..errors import ConfigError
+from .base import MethodContext, UnlearningMethod
+
+REGISTRY: dict[str, str] = {
+    "quickdrop": "qd_app.methods.quickdrop:QuickDrop",
+    "sga": "qd_app.methods.sga:SGA",
+    "retrain": "qd_app.methods.retrain:Retrain",
+    "federaser": "qd_app.methods.federaser:FedEraser",
+    "fu-mp": "qd_app.methods.fu_mp:FUMP",
+    "s2u": "qd_app.methods.s2u:S2U",
+}
+
+__all__ = ["REGISTRY", "MethodContext", "UnlearningMethod", "resolve_method"]
+
+
+def resolve_method(method: str) -> UnlearningMethod:
+    """The method a ``method`` setting names: a registered name or ``package.module:ClassName``."""
+    path = REGISTRY.get(method, method)
+    module_name, _, class_name = path.partition(":")
+    if not class_name:
+        raise ConfigError(f"invalid setting method={method!r}: must be one of {', '.join(REGISTRY)}, "
+                          "or the import path of your own method, 'package.module:ClassName'")
+    try:
+        found = getattr(importlib.import_module(module_name), class_name)
+    except (ImportError, AttributeError) as exc:
+        raise ConfigError(f"invalid setting method={method!r}: cannot import {path} ({exc})") from None
+    if not (isinstance(found, type) and issubclass(found, UnlearningMethod)):
+        raise ConfigError(f"invalid setting method={method!r}: {path} is not an UnlearningMethod subclass")
+    return found()

@@ -1,0 +1,141 @@
+"""The method interface: what a method is asked for, and what it may use to answer.
+
+A method is a recipe: for each request the stages that serve it, and what it refuses.
+The orchestration (:mod:`qd_app.server.experiment`) asks the run's method for its
+training stage, checks every request with :meth:`UnlearningMethod.check` before any
+stage runs, then runs the :class:`~qd_app.server.stages.StagePlan` lists that
+:meth:`~UnlearningMethod.unlearn` and :meth:`~UnlearningMethod.relearn` return.
+"""
+
+from __future__ import annotations
+
+import functools
+import random
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, ClassVar
+
+from flwr.app import ArrayRecord
+
+from .. import protocol
+from ..config import RunConfig
+from ..core.models import ModelSpec, build_model
+from ..request import UnlearningRequest
+from ..server import planner
+from ..server.evaluation import ServerEvaluator
+from ..server.federation import Federation
+from ..server.history import HISTORY_FOLDER, UpdateHistory
+from ..server.ledger import Forgotten
+from ..server.stages import StagePlan
+from ..server.strategy import StageStrategy
+from .strategies import RecoverStrategy, RelearnStrategy, TrainingStrategy
+
+
+@dataclass(frozen=True)
+class MethodContext:
+    """What a method's recipes may use: the settings, the federation, the model, the
+    server's evaluator and the experiment's folder on the server."""
+
+    config: RunConfig
+    federation: Federation
+    model_spec: ModelSpec
+    evaluator: ServerEvaluator
+    output_path: Path
+    rng: random.Random
+
+    def initial_model(self) -> ArrayRecord:
+        """The model training starts from (seeded by ``seed``): also Retrain-Or's start."""
+        return ArrayRecord(build_model(self.model_spec, seed=self.config.seed).state_dict())
+
+    def training_settings(self) -> dict[str, Any]:
+        """Local SGD of the training stage, as strategy keyword arguments."""
+        config = self.config
+        return {"lr": config.lr, "epochs": config.local_epochs, "max_steps": config.local_steps,
+                "batch_size": config.batch_size, "momentum": config.momentum, "weight_decay": config.weight_decay}
+
+    def stage_settings(self, stage: str, epochs: int | None = None) -> dict[str, Any]:
+        """Local SGD of an ``unlearn``, ``recover`` or ``relearn`` stage (``<stage>-lr``,
+        ``<stage>-epochs`` unless ``epochs`` is given, the run's batch size and momentum)."""
+        config = self.config
+        return {"lr": getattr(config, f"{stage}_lr"), "epochs": epochs or getattr(config, f"{stage}_epochs"),
+                "batch_size": config.batch_size, "momentum": config.momentum}
+
+    def history(self) -> UpdateHistory:
+        """The client updates recorded during training (``federaser-interval``)."""
+        return UpdateHistory(self.output_path / HISTORY_FOLDER, self.config.federaser_interval)
+
+    def training_participants(self, state: Forgotten) -> list[int]:
+        """Nodes of clients not forgotten that hold data of a class not forgotten."""
+        return planner.training_participants(self.federation, state)
+
+    def unlearn_participants(self, request: UnlearningRequest, state: Forgotten) -> list[int]:
+        """Nodes that unlearn ``request``: the holders of its classes, or its clients."""
+        return planner.unlearn_participants(self.federation, request, state)
+
+
+class UnlearningMethod:
+    """Base class of an unlearning method (subclass it; register it by name or import path).
+
+    Set :attr:`name`, implement :meth:`unlearn`, and override :meth:`check` to refuse
+    what the method cannot serve. The strategy classes its stages use are class
+    attributes, so a subclass can swap one (``recover_strategy = MyRecovery``).
+
+    Attributes
+    ----------
+    name : str
+        The ``method`` setting that selects it.
+    title : str
+        Its name in tables (e.g. ``SGA-Or``).
+    data : str
+        What its client stages draw from: ``synthetic`` (the clients' stores, which
+        must then be usable) or ``original`` (the clients' training data).
+    """
+
+    name: ClassVar[str] = ""
+    title: ClassVar[str] = ""
+    data: ClassVar[str] = protocol.ORIGINAL
+    training_strategy: ClassVar[type[StageStrategy]] = TrainingStrategy
+    recover_strategy: ClassVar[type[StageStrategy]] = RecoverStrategy
+    relearn_strategy: ClassVar[type[StageStrategy]] = RelearnStrategy
+
+    def check(self, ctx: MethodContext, action: str, request: UnlearningRequest) -> None:
+        """Raise :class:`~qd_app.errors.RequestError` with the reason if this method cannot
+        serve ``action`` (``unlearn`` or ``relearn``) of ``request``; by default it can."""
+
+    def training(self, ctx: MethodContext) -> StageStrategy:
+        """The training stage of a new trained model."""
+        return self.training_strategy(ctx.federation, **self.training_options(ctx))
+
+    def training_options(self, ctx: MethodContext) -> dict[str, Any]:
+        """Keyword arguments of :attr:`training_strategy`: local SGD, client sampling and,
+        with ``federaser-interval``, the recorder of client updates."""
+        history = ctx.history()
+        on_round = functools.partial(history.record_round, ctx.federation) if history.interval else None
+        return {**ctx.training_settings(), "fraction_train": ctx.config.fraction_train, "rng": ctx.rng,
+                "on_round": on_round}
+
+    def unlearn(self, ctx: MethodContext, request: UnlearningRequest, before: Forgotten, after: Forgotten,
+                arrays: ArrayRecord) -> list[StagePlan]:
+        """The stages that unlearn ``request`` from the model ``arrays``; ``before`` and
+        ``after`` are what is forgotten before and after serving it."""
+        raise NotImplementedError
+
+    def relearn(self, ctx: MethodContext, request: UnlearningRequest, after: Forgotten) -> list[StagePlan]:
+        """The stages that relearn ``request``: SGD with its data back in (the paper's Table 5)."""
+        participants = ctx.training_participants(after)
+        relearned = list(request.targets) if request.kind == "class" else []
+        return [StagePlan(
+            lambda: self.relearn_strategy(
+                ctx.federation, participants=participants, exclude_classes=sorted(after.classes),
+                relearn_classes=relearned, data=self.data, **ctx.stage_settings("relearn")),
+            ctx.config.relearn_rounds,
+        )]
+
+    def recovery(self, ctx: MethodContext, after: Forgotten) -> StagePlan:
+        """Recovery on the retain data of the clients not forgotten (none left: skipped)."""
+        retained = ctx.training_participants(after)
+        return StagePlan(
+            lambda: self.recover_strategy(ctx.federation, participants=retained, exclude_classes=sorted(after.classes),
+                                          data=self.data, **ctx.stage_settings("recover")),
+            ctx.config.recover_rounds if retained else 0,
+        )

@@ -1,0 +1,154 @@
+"""QuickDrop (the paper's Algorithm 2): distil during training, unlearn by ascent on the distilled data.
+
+Training is FedAvg in which every client also distils its data into a per-class
+synthetic store on its own disk (:class:`QuickDropTraining`). A request is served by
+gradient ascent on the synthetic forget data (:class:`UnlearnStrategy`), then recovery
+on the synthetic retain data and real augmentation samples; relearning trains on the
+synthetic data with the relearned classes back in.
+"""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar
+
+from flwr.app import ArrayRecord
+
+from .. import protocol
+from ..request import UnlearningRequest
+from ..server.federation import Federation
+from ..server.ledger import Forgotten
+from ..server.stages import StagePlan
+from ..server.strategy import StageStrategy
+from .base import MethodContext, UnlearningMethod
+
+
+class QuickDropTraining(StageStrategy):
+    """Federated training that distils every client's data into its synthetic store (QuickDrop, Alg. 2).
+
+    The model trajectory is FedAvg's (the model steps on real gradients); each client
+    additionally updates its per-class synthetic images by gradient matching at every
+    local step, creates its store in round 1 and keeps it on its own disk.
+
+    Parameters
+    ----------
+    distill_lr, distill_momentum : float
+        SGD on the synthetic images (paper: 0.1 and 0.5, one step per model step).
+    distill_batch : int
+        Synthetic images per class matched at each step.
+    finetune_steps : int
+        DC fine-tuning steps of the synthetic set after the last round (0: none).
+    num_rounds : int
+        Rounds of the stage (the clients fine-tune in the last one).
+    **kwargs
+        As for :class:`~qd_app.server.strategy.StageStrategy`.
+    """
+
+    stage_name = "train"
+    message_type = protocol.message_type(protocol.TRAIN, protocol.DISTILL)
+
+    def __init__(  # pylint: disable=too-many-arguments
+        self,
+        federation: Federation,
+        *,
+        num_rounds: int,
+        distill_lr: float = 0.1,
+        distill_momentum: float = 0.5,
+        distill_batch: int = 4,
+        finetune_steps: int = 0,
+        **kwargs,
+    ) -> None:
+        super().__init__(federation, **kwargs)
+        self.stage_config.update(
+            {
+                protocol.NUM_ROUNDS: num_rounds,
+                protocol.DISTILL_LR: distill_lr,
+                protocol.DISTILL_MOMENTUM: distill_momentum,
+                protocol.DISTILL_BATCH: distill_batch,
+                protocol.FINETUNE_STEPS: finetune_steps,
+            }
+        )
+
+
+class UnlearnStrategy(StageStrategy):
+    """Unlearning: the participants run gradient ascent on their forget data.
+
+    Parameters
+    ----------
+    forget_classes : list[int], optional
+        Class-level unlearning: the classes to forget (participants: the clients
+        holding them). ``None``: client-level, the participant forgets its whole set.
+    data : str
+        ``synthetic`` (QuickDrop: the client's store) or ``original`` (SGA-Or: its data).
+    target_losses : list[float], optional
+        Client-level only: the mean (capped) loss on the test images of each class of
+        the model being unlearned. A participant then ascends only until its data fits
+        no better than that (:func:`~qd_app.core.unlearning.fits_like_unseen`) instead
+        of running its epochs in full. Meaningful for real data only (SGA-Or): distilled
+        images are not samples of the test distribution.
+    **kwargs
+        As for :class:`~qd_app.server.strategy.StageStrategy` (``participants`` is required).
+    """
+
+    stage_name = "unlearn"
+    message_type = protocol.message_type(protocol.TRAIN, protocol.UNLEARN)
+
+    def __init__(self, federation: Federation, *, forget_classes: list[int] | None = None,
+                 data: str = protocol.SYNTHETIC, target_losses: list[float] | None = None, **kwargs) -> None:
+        super().__init__(federation, **kwargs)
+        self.stage_config.update(
+            {protocol.FORGET_CLASSES: list(forget_classes or []), protocol.FORGET_EVERYTHING: forget_classes is None,
+             protocol.DATA: data, protocol.TARGET_LOSSES: list(target_losses or [])}
+        )
+
+
+class GradientAscent(UnlearningMethod):
+    """Gradient ascent on the forget data, then recovery (QuickDrop and SGA-Or).
+
+    A class request ascends on every holder of the class for up to ``unlearn-rounds``
+    rounds (each client stops once its forget data is forgotten); a client request
+    ascends one round of ``unlearn-client-epochs`` on that client, or until its data
+    fits like unseen data where :meth:`target_losses` gives that fit.
+    """
+
+    unlearn_strategy: ClassVar[type[StageStrategy]] = UnlearnStrategy
+
+    def unlearn(self, ctx: MethodContext, request: UnlearningRequest, before: Forgotten, after: Forgotten,
+                arrays: ArrayRecord) -> list[StagePlan]:
+        """Gradient ascent on the forget data, then recovery."""
+        class_level = request.kind == "class"
+        epochs = None if class_level else ctx.config.unlearn_client_epochs
+        target_losses = self.target_losses(ctx, request, arrays)
+        ascent = StagePlan(
+            lambda: self.unlearn_strategy(
+                ctx.federation, participants=ctx.unlearn_participants(request, before),
+                forget_classes=list(request.targets) if class_level else None, data=self.data,
+                target_losses=target_losses, **ctx.stage_settings("unlearn", epochs)),
+            ctx.config.unlearn_rounds if class_level else 1,
+        )
+        return [ascent, self.recovery(ctx, after)]
+
+    def target_losses(self, ctx: MethodContext, request: UnlearningRequest,  # pylint: disable=unused-argument
+                      arrays: ArrayRecord) -> list[float] | None:
+        """Where a client request's ascent stops: the per-class loss of unseen data
+        (``None``: after its epochs)."""
+        return None
+
+
+class QuickDrop(GradientAscent):
+    """QuickDrop: distillation during training; ascent and recovery on the clients' stores.
+
+    Distilled images are no samples of the test data, so a client request runs its
+    epochs rather than aiming at the test images' loss.
+    """
+
+    name = "quickdrop"
+    title = "QuickDrop"
+    data = protocol.SYNTHETIC
+    training_strategy: ClassVar[type[StageStrategy]] = QuickDropTraining
+
+    def training_options(self, ctx: MethodContext) -> dict[str, Any]:
+        """Local SGD and sampling, plus the distillation settings."""
+        config = ctx.config
+        return {**super().training_options(ctx), "num_rounds": config.num_server_rounds,
+                "distill_lr": config.distill_lr, "distill_momentum": config.distill_momentum,
+                "distill_batch": config.distill_batch, "finetune_steps": config.finetune_steps}

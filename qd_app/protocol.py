@@ -1,0 +1,95 @@
+"""The wire protocol between the ServerApp and the ClientApp: message types and record keys.
+
+Both sides import this module and nothing else of each other. A message carries
+everything its task needs (the model, the stage's settings); the run and node config
+say only what the run is (dataset, model architecture, partition, folders) and how a
+node computes (device, evaluation batch size).
+Replies carry model parameters and metrics only: never data, labels or synthetic images.
+
+Message types are Flower's ``train``, ``query`` and ``evaluate``, optionally followed by
+an action (``train.unlearn``); the ClientApp registers one handler per action
+(``@app.train(UNLEARN)``).
+"""
+
+from __future__ import annotations
+
+from flwr.app import MessageType
+
+# ----------------------------------------------------------------- message types
+# train.<action>: the client returns a model and a MetricRecord with NUM_EXAMPLES
+DISTILL = "distill"  # local SGD that also distils the data into the client's store (QuickDrop training)
+UNLEARN = "unlearn"  # gradient ascent on the forget data
+RECOVER = "recover"  # SGD on the retain data
+RELEARN = "relearn"  # SGD with relearned classes or clients back in
+# query.<action>
+ACTIVATION_STATS = "activation_stats"  # FU-MP: per-class activation sums of the prunable units
+
+
+def message_type(category: str, action: str | None = None) -> str:
+    """``category`` (``train``, ``query``, ``evaluate``) or ``category.action``."""
+    return category if action is None else f"{category}.{action}"
+
+
+TRAIN = MessageType.TRAIN  # plain local SGD (FedAvg training, Retrain-Or, FedEraser, S2U)
+QUERY = MessageType.QUERY  # the client's inventory
+EVALUATE = MessageType.EVALUATE  # accuracy on the client's own training data
+
+# ----------------------------------------------------------------- record names
+ARRAYS = "arrays"
+CONFIG = "config"
+METRICS = "metrics"
+INVENTORY = "inventory"
+STATISTICS = "statistics"
+
+# ----------------------------------------------------------------- ConfigRecord keys
+SERVER_ROUND = "server-round"
+NUM_ROUNDS = "num-rounds"
+# local SGD of a stage
+LR = "lr"
+EPOCHS = "epochs"
+BATCH_SIZE = "batch-size"
+MOMENTUM = "momentum"
+WEIGHT_DECAY = "weight-decay"
+MAX_STEPS = "max-steps"
+# in-situ distillation
+DISTILL_LR = "distill-lr"
+DISTILL_MOMENTUM = "distill-momentum"
+DISTILL_BATCH = "distill-batch"
+FINETUNE_STEPS = "finetune-steps"
+# what a stage trains on
+DATA = "data"  # SYNTHETIC or ORIGINAL
+SYNTHETIC = "synthetic"  # the client's store: synthetic images + real augmentation samples
+ORIGINAL = "original"  # the client's training data
+EXCLUDE_CLASSES = "exclude-classes"
+RELEARN_CLASSES = "relearn-classes"
+FORGET_CLASSES = "forget-classes"
+FORGET_EVERYTHING = "forget-everything"  # client-level: every sample of the source is forget data
+TARGET_LOSSES = "target-losses"  # per-class loss on unseen data, the goal of client-level ascent
+PRUNE_TARGET = "prune-target"  # FU-MP: features or channels
+
+# ----------------------------------------------------------------- MetricRecord keys
+NUM_EXAMPLES = "num-examples"  # aggregation weight: the size of the data the client used
+SAMPLE_GRADIENTS = "sample-gradients"  # per-sample gradient computations
+COMPUTE_SECONDS = "compute-seconds"  # the client's local work
+DISTILL_SECONDS = "distill-seconds"  # the part of it spent on synthetic images
+TRAIN_LOSS = "train-loss"
+MATCH_DISTANCE = "match-distance"
+STORE_BYTES = "store-bytes"
+CORRECT = "correct"
+ACCURACY = "accuracy"
+COUNTS = "counts"  # FU-MP: samples per class
+
+
+def layer_key(index: int) -> str:
+    """FU-MP: the MetricRecord key of one prunable layer's per-class activation sums."""
+    return f"layer-{index}"
+
+
+# ----------------------------------------------------------------- inventory keys (ConfigRecord)
+PARTITION_ID = "partition-id"
+NUM_PARTITIONS = "num-partitions"
+CLASS_COUNTS = "class-counts"
+STORE_STATUS = "store-status"  # "ok", "missing" or why the store cannot be used
+SYNTHETIC_COUNTS = "synthetic-counts"
+STORE_STATUS_OK = "ok"
+STORE_STATUS_MISSING = "missing"

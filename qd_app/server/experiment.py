@@ -1,0 +1,266 @@
+"""The server side of a run: train or load a model, serve the planned requests, record everything.
+
+``phase`` picks the work:
+
+- ``all``: train, serve every request (unlearn + recover), then relearn the last
+  request (when ``relearn-rounds`` > 0);
+- ``train``: train only (QuickDrop's clients keep their stores);
+- ``unlearn``: load the current model (and, for QuickDrop, the clients' stores) and
+  serve the requests;
+- ``relearn``: load them and relearn forgotten classes or clients (those named by
+  ``forget-class`` / ``forget-client``, else the latest request still in force).
+
+The run's method (:mod:`qd_app.methods`) supplies the stages; every request is checked
+against the federation, the stores and the record of requests before any stage runs,
+so a bad request changes nothing.
+"""
+
+from __future__ import annotations
+
+import random
+import uuid
+from datetime import datetime, timezone
+from logging import INFO, WARNING
+from pathlib import Path
+from typing import Any
+
+from flwr.app import ArrayRecord
+from flwr.common import log
+from flwr.serverapp import Grid
+
+from .. import protocol
+from ..config import RunConfig
+from ..core.data import dataset_spec
+from ..core.distillation import synthetic_count
+from ..core.models import ModelSpec
+from ..core.training import resolve_device
+from ..errors import RequestError
+from ..methods import MethodContext, UnlearningMethod, resolve_method
+from ..request import UnlearningRequest
+from . import planner
+from .evaluation import ServerEvaluator, SplitAccuracy, class_split, client_split, evaluate_on_clients
+from .federation import discover_federation
+from .ledger import NOTHING_FORGOTTEN, UNLEARN, RequestLog
+from .results import (
+    TRAINED_CHECKPOINT_FILE,
+    ExperimentRecord,
+    StageRecord,
+    entry_summary,
+    load_checkpoint,
+    plot_class_accuracy,
+    save_checkpoint,
+    write_results,
+)
+from .stages import Stage, StagePlan
+
+
+class Experiment:  # pylint: disable=too-many-instance-attributes
+    """One run of one method over one federation, and the records it leaves."""
+
+    def __init__(self, grid: Grid, config: RunConfig, method: UnlearningMethod) -> None:
+        self.grid = grid
+        self.config = config
+        self.method = method
+        self.output_path: Path = config.output_path
+        self.spec = dataset_spec(config.dataset)
+        self.model_spec = ModelSpec.from_config(config)
+        random.seed(config.seed)
+        self.federation = discover_federation(grid)  # first: a client that cannot start says why
+        self.evaluator = ServerEvaluator(config, resolve_device(config.device))
+        self.context = MethodContext(config, self.federation, self.model_spec, self.evaluator, self.output_path,
+                                     random.Random(config.seed))
+        self.log = RequestLog(self.output_path)
+        self.lineage = ""
+        self.checkpoint: dict[str, Any] = {}
+        self.forgotten = NOTHING_FORGOTTEN
+        self.record = ExperimentRecord(config=config.resolved_run_config())
+        self.run_index = 0
+
+    # ----------------------------------------------------------------- planning
+    def plan(self) -> planner.Plan:
+        """The (action, request) pairs this run serves, checked against the federation,
+        the method, the stored state and the stores; raises :class:`RequestError` before any work."""
+        config = self.config
+        requests = config.requests()
+        planner.check_client_ids(requests, self.federation, config.forget_client)
+        if config.phase not in ("all", "train"):
+            self._load_state()
+        plan = planner.plan_requests(config.phase, requests, config.relearn_rounds,
+                                     lambda: self.log.latest_in_force(self.lineage))
+        participants: set[int] = set()
+        for action, request, state in planner.walk(plan, self.forgotten):
+            self.method.check(self.context, action, request)
+            planner.check_request(action, request, state, self.federation)
+            participants |= set(planner.stage_participants(self.federation, action, request, state))
+        if config.phase != "all" and self.method.data == protocol.SYNTHETIC:
+            planner.check_stores(self.federation, participants)
+        return plan
+
+    def _load_state(self) -> None:
+        """Current model's lineage and forgotten state, the earlier results, a repaired log."""
+        checkpoint = self.checkpoint = load_checkpoint(self.output_path)
+        for key, value in {"dataset": self.config.dataset, "model": self.model_spec.as_dict()}.items():
+            if checkpoint.get(key) != value:
+                raise RequestError(f"the model in {self.output_path} was trained with {key} {checkpoint.get(key)!r}, "
+                                   f"this run has {value!r}")
+        self.lineage = checkpoint["lineage"]
+        self.log.repair(self.lineage, checkpoint["log-entries"], checkpoint["last-log-entry"])
+        self.forgotten = self.log.forgotten(self.lineage)
+        previous = ExperimentRecord.load(self.output_path)
+        if previous is not None and previous.runs and previous.runs[0].get("lineage") == self.lineage:
+            previous.config = self.record.config
+            self.record = previous
+            self.evaluator.history = list(previous.rounds)
+
+    # ------------------------------------------------------------------ stages
+    def run_stage(self, stage: Stage, arrays: ArrayRecord, num_rounds: int, request: int | None = None,
+                  split=None) -> ArrayRecord:
+        """Run one stage for up to ``num_rounds`` rounds, record it, and return the new global model."""
+        name = stage.stage_name
+        eval_seconds_before = self.evaluator.seconds
+        first_round = self.evaluator.last_round + 1
+        arrays, cost = stage.run(self.grid, arrays, num_rounds, self.evaluator.for_stage(name))
+        last = self.evaluator.history[-1]
+        record = StageRecord.from_cost(
+            name, cost, eval_seconds=self.evaluator.seconds - eval_seconds_before, accuracy=last.accuracy,
+            class_accuracy=last.class_accuracy, first_round=first_round, last_round=last.round, run=self.run_index,
+            request=request, split=split(arrays) if split else None,
+        )
+        self.record.stages.append(record)
+        self.record.rounds = list(self.evaluator.history)
+        write_results(self.output_path, self.record)
+        log(INFO, "Stage %s: %s", name, record.summary())
+        return arrays
+
+    def start_run(self) -> None:
+        """Record this run (phase, time, lineage) in results.json's ``runs``."""
+        self.run_index = len(self.record.runs)
+        self.record.runs.append({"phase": self.config.phase, "started-at": _now(), "lineage": self.lineage,
+                                 "config": self.config.resolved_run_config()})
+
+    def train(self) -> ArrayRecord:
+        """Federated training of a new lineage with the method's training stage (QuickDrop:
+        with distillation into new stores); client updates recorded when configured."""
+        self.lineage = f"{_now()}-{uuid.uuid4().hex[:8]}"
+        self.start_run()
+        self.record.federation = {
+            "num-partitions": self.federation.num_partitions,
+            "class-counts": [list(self.federation.clients[n].class_counts) for n in self.federation.node_ids],
+        }
+        history = self.context.history()
+        history.clear()  # updates of an earlier trained model
+        strategy = self.method.training(self.context)
+        arrays = self.run_stage(strategy, self.context.initial_model(), self.config.num_server_rounds)
+        self._record_stores({node: int(m.get(protocol.STORE_BYTES, 0)) for node, m in strategy.last_metrics.items()})
+        if history.interval:
+            self.record.stores["federaser-bytes"] = history.size_bytes()
+        self.save_model(arrays, TRAINED_CHECKPOINT_FILE)
+        self.save_model(arrays)
+        return arrays
+
+    def load_model(self) -> ArrayRecord:
+        """The current global model of this experiment (checked in :meth:`plan`)."""
+        self.start_run()
+        self._record_stores({node: info.store_bytes for node, info in self.federation.clients.items()})
+        return ArrayRecord(self.checkpoint["state-dict"])
+
+    def serve(self, action: str, request: UnlearningRequest, arrays: ArrayRecord) -> ArrayRecord:
+        """Unlearn or relearn one request with the method's stages; record it and save the model."""
+        log(INFO, "%s %s", action.capitalize(), request.label)
+        index = len(self.record.requests)
+        before = self.forgotten
+        after = before.after(action, request)
+        if action == UNLEARN and len(after.classes) == self.spec.num_classes:
+            log(WARNING, "%s leaves no class to keep: no data is left to recover on, and where the model predicts "
+                "the class everywhere with a large margin, gradient ascent finds almost no gradient and the class "
+                "may stay (README: Unlearning)", request.label)
+        excluded = before.classes | after.classes | (set(request.targets) if request.kind == "class" else set())
+
+        def split(model: ArrayRecord) -> SplitAccuracy:
+            return self._split(model, request, excluded, before.clients | after.clients)
+
+        entry: dict[str, Any] = {"index": index, "action": action, **request.as_dict(), "label": request.label,
+                                 "run": self.run_index, "before": split(arrays).as_dict()}
+        plans: list[StagePlan] = (self.method.unlearn(self.context, request, before, after, arrays)
+                                  if action == UNLEARN else self.method.relearn(self.context, request, after))
+        for plan in plans:
+            if plan.rounds == 0:
+                continue
+            stage = plan.build()
+            start = plan.start(arrays) if plan.start else arrays
+            arrays = self.run_stage(stage, start, plan.rounds, request=index, split=split)
+            record = self.record.stages[-1]
+            entry[f"after-{record.name}"] = record.split.as_dict() if record.split else None
+            entry.setdefault("seconds", {})[record.name] = record.seconds
+            entry.setdefault("samples", {})[record.name] = record.samples
+        entry["total-seconds"] = sum(entry.get("seconds", {}).values())
+        train_seconds = self.record.stage_seconds("train")
+        entry["fraction-of-training"] = entry["total-seconds"] / train_seconds if train_seconds else None
+        self.forgotten = after
+        self._commit(arrays, action, request, entry)
+        return arrays
+
+    def _split(self, arrays: ArrayRecord, request: UnlearningRequest, excluded_classes: set[int],
+               forgotten_clients: set[int]) -> SplitAccuracy:
+        """F-Set/R-Set accuracy of a model for ``request`` (class-level: test set; client-level: client data)."""
+        if request.kind == "class":
+            classes = self.evaluator.evaluate(arrays)[1]
+            return class_split(classes, self.evaluator.class_sizes, set(request.targets), excluded_classes)
+        correct, totals = evaluate_on_clients(self.grid, self.federation, arrays)
+        return client_split(correct, totals, set(request.targets), forgotten_clients)
+
+    # ----------------------------------------------------------------- records
+    def _commit(self, arrays: ArrayRecord, action: str, request: UnlearningRequest, entry: dict[str, Any]) -> None:
+        """Record the request in results.json, then save the model and append to the log, in that order."""
+        self.record.requests.append(entry)
+        write_results(self.output_path, self.record)
+        self.log.commit({**entry, "lineage": self.lineage, "served-at": _now()},
+                        lambda entries, logged: self.save_model(arrays, log_entries=entries, last_log_entry=logged))
+        log(INFO, "Served: %s %s: %s", action, request.label, entry_summary(entry))
+
+    def save_model(self, arrays: ArrayRecord, name: str | None = None, log_entries: int = 0,
+                   last_log_entry: dict[str, Any] | None = None) -> Path:
+        """Checkpoint the global model with what identifies it and the request state it reflects."""
+        metadata = {"dataset": self.config.dataset, "model": self.model_spec.as_dict(),
+                    "experiment": self.config.experiment, "lineage": self.lineage, "log-entries": log_entries,
+                    "last-log-entry": last_log_entry or {}}
+        state_dict = arrays.to_torch_state_dict()
+        if name:
+            return save_checkpoint(self.output_path, state_dict, metadata, name)
+        return save_checkpoint(self.output_path, state_dict, metadata)
+
+    def _record_stores(self, bytes_by_node: dict[int, int]) -> None:
+        scale = self.config.scale
+        clients = [self.federation.clients[node] for node in self.federation.node_ids]
+        synthetic = [sum(synthetic_count(n, scale) for n in c.class_counts if n) for c in clients]
+        data = sum(c.num_examples for c in clients)
+        self.record.stores = {
+            **self.record.stores,
+            "bytes": [bytes_by_node.get(c.node_id, 0) for c in clients],
+            "synthetic-images": synthetic,
+            "augmentation-images": synthetic,
+            "synthetic-fraction": sum(synthetic) / data if data else 0.0,
+        }
+
+    def finish(self) -> None:
+        """Write the final results and the per-class accuracy plot."""
+        write_results(self.output_path, self.record)
+        classes = [str(index) for index in range(self.spec.num_classes)]
+        plot = plot_class_accuracy(self.output_path, self.evaluator.history, classes)
+        log(INFO, "Results in %s (plot %s)", self.output_path, plot.name)
+
+
+def run_phase(grid: Grid, config: RunConfig, method: UnlearningMethod | None = None) -> Experiment:
+    """Everything a run does for its ``phase`` (see the module docstring), with ``method``
+    (default: the one the ``method`` setting names)."""
+    experiment = Experiment(grid, config, method or resolve_method(config.method))
+    plan = experiment.plan()
+    arrays = experiment.train() if config.phase in ("all", "train") else experiment.load_model()
+    for action, request in plan:
+        arrays = experiment.serve(action, request, arrays)
+    experiment.finish()
+    return experiment
+
+
+def _now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")

@@ -1,0 +1,209 @@
+"""The federated stage: FedAvg over chosen clients, with a message type of its own and its cost.
+
+Every federated stage of every method (training, unlearning, recovery, relearning and the
+baselines' stages) is a :class:`StageStrategy` subclass, in the style of
+``flwr.serverapp.strategy``: small hooks to override (:meth:`~StageStrategy.select_nodes`,
+``configure_train``, ``aggregate_train``) and the stage's settings merged into every message.
+"""
+
+from __future__ import annotations
+
+import random
+import time
+from collections.abc import Callable, Iterable
+from logging import INFO, WARNING
+
+from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
+from flwr.common import log
+from flwr.serverapp import Grid
+from flwr.serverapp.strategy import FedAvg
+
+from .. import protocol
+from ..errors import StageFailedError
+from .federation import Federation
+from .stages import EvaluateFn, StageCost, array_bytes
+
+StageConfig = dict[str, int | float | str | bool | list[int] | list[float]]
+
+
+class StageStrategy(FedAvg):
+    """FedAvg over chosen nodes of a :class:`Federation`, accounting for one stage.
+
+    Parameters
+    ----------
+    federation : Federation
+        The nodes taking part in the experiment and the partitions they hold.
+    participants : list[int], optional
+        Node ids that take part in every round; default: a ``fraction_train``
+        sample of the whole federation each round.
+    lr, epochs, batch_size, momentum, weight_decay, max_steps
+        Local SGD of the stage, sent to the clients in every message: ``epochs``
+        passes over the data the stage uses, capped at ``max_steps`` steps (0: no cap).
+    fraction_train : float (default: 1.0)
+        Fraction of the federation's nodes sampled each round (at least one), when
+        no ``participants`` are given.
+    rng : random.Random, optional
+        Source of randomness for node sampling (seeded for reproducible runs).
+    on_round : callable, optional
+        Called with (round, model sent, replies without errors) after every round,
+        e.g. to record per-client history (FedEraser).
+    **kwargs
+        Passed on to :class:`flwr.serverapp.strategy.FedAvg`. Client-side evaluation
+        is off unless ``fraction_evaluate`` is given.
+
+    Notes
+    -----
+    Replies must carry one ArrayRecord and one MetricRecord holding ``num-examples``
+    (the aggregation weight: the size of the data the client used) and
+    ``sample-gradients``, and may carry ``compute-seconds`` and ``distill-seconds``,
+    summed over clients and rounds into :attr:`cost`. A client that fails is left out
+    of its round's average with a warning; a round in which every client fails raises
+    :class:`StageFailedError` with their reasons; a round in which every client reports
+    weight 0 (no data, or nothing left to do) leaves the model unchanged. With fixed
+    ``participants`` the stage then ends: the remaining rounds would send the same
+    model to the same clients, so they send nothing (``cost.rounds`` counts the rounds
+    that ran).
+    """
+
+    stage_name = "train"
+    message_type = protocol.TRAIN
+
+    def __init__(  # pylint: disable=too-many-arguments
+        self,
+        federation: Federation,
+        *,
+        participants: list[int] | None = None,
+        lr: float = 0.01,
+        epochs: int = 1,
+        batch_size: int = 64,
+        momentum: float = 0.0,
+        weight_decay: float = 0.0,
+        max_steps: int = 0,
+        fraction_train: float = 1.0,
+        rng: random.Random | None = None,
+        on_round: Callable[[int, ArrayRecord, list[Message]], None] | None = None,
+        **kwargs,
+    ) -> None:
+        kwargs.setdefault("fraction_evaluate", 0.0)
+        kwargs.setdefault("min_available_nodes", 1)
+        kwargs.setdefault("min_train_nodes", 1)
+        super().__init__(fraction_train=fraction_train, **kwargs)
+        self.federation = federation
+        self.participants = participants
+        self.stage_config: StageConfig = {
+            protocol.LR: lr,
+            protocol.EPOCHS: epochs,
+            protocol.BATCH_SIZE: batch_size,
+            protocol.MOMENTUM: momentum,
+            protocol.WEIGHT_DECAY: weight_decay,
+            protocol.MAX_STEPS: max_steps,
+        }
+        self.rng = rng or random.Random(0)
+        self.on_round = on_round
+        self.cost = StageCost()
+        self.last_metrics: dict[int, MetricRecord] = {}
+        self.ended = False
+        self._sent: ArrayRecord | None = None
+        self._round_started = 0.0
+        self._round = 0
+
+    def run(
+        self, grid: Grid, arrays: ArrayRecord, num_rounds: int, evaluate_fn: EvaluateFn
+    ) -> tuple[ArrayRecord, StageCost]:
+        """Flower's :meth:`start`; the model stays as it was if no round produced one."""
+        result = self.start(grid=grid, initial_arrays=arrays, num_rounds=num_rounds, evaluate_fn=evaluate_fn)
+        return (result.arrays if len(result.arrays) > 0 else arrays), self.cost
+
+    def select_nodes(self, server_round: int, grid: Grid) -> list[int]:  # pylint: disable=unused-argument
+        """Nodes that take part in this round: the participants, or a ``fraction_train`` sample."""
+        if self.participants is not None:
+            return list(self.participants)
+        node_ids = self.federation.node_ids
+        count = max(1, int(len(node_ids) * self.fraction_train))
+        return sorted(self.rng.sample(node_ids, count))
+
+    def configure_train(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
+        """Send the current model and the stage settings to the selected nodes (none once the stage ended)."""
+        if self.ended:
+            log(INFO, "%s round %s: skipped, the stage ended", self.stage_name, server_round)
+            return []
+        self._round_started = time.perf_counter()
+        self._round = server_round
+        self.cost.rounds += 1
+        node_ids = self.select_nodes(server_round, grid)
+        log(INFO, "%s round %s: %s nodes", self.stage_name, server_round, len(node_ids))
+        round_config = ConfigRecord({**dict(config), **self.stage_config, protocol.SERVER_ROUND: server_round})
+        record = RecordDict({self.arrayrecord_key: arrays, self.configrecord_key: round_config})
+        self.cost.bytes_sent += arrays.count_bytes() * len(node_ids)
+        self._sent = arrays
+        return self._construct_messages(record, node_ids, self.message_type)
+
+    def aggregate_train(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        """FedAvg of the replies weighted by ``num-examples``, plus cost accounting."""
+        if self.ended:
+            return None, None
+        valid = self._account(server_round, replies)
+        with_data = [reply for reply in valid if int(reply_metrics(reply)[protocol.NUM_EXAMPLES])]
+        if not with_data:
+            self.ended = self.participants is not None
+            log(INFO, "%s round %s: no client had anything to do; model unchanged%s", self.stage_name, server_round,
+                "; the stage ends" if self.ended else "")
+            self.finish_round()
+            return None, None
+        aggregated = super().aggregate_train(server_round, with_data)
+        self.finish_round()
+        return aggregated
+
+    def _account(self, server_round: int, replies: Iterable[Message]) -> list[Message]:
+        """Record the round's cost; return the replies without errors (raise if there are none)."""
+        replies = list(replies)
+        failed = [reply for reply in replies if reply.has_error()]
+        valid = [reply for reply in replies if not reply.has_error()]
+        if not valid:
+            self.finish_round()
+            raise StageFailedError(_failure_summary(self.stage_name, server_round, replies))
+        if failed:
+            log(WARNING, "%s round %s: %s of %s clients failed and are left out of the average: %s",
+                self.stage_name, server_round, len(failed), len(replies), " | ".join(_reasons(failed)))
+        self.last_metrics = {reply.metadata.src_node_id: reply_metrics(reply) for reply in valid}
+        metrics = list(self.last_metrics.values())
+        cost = self.cost
+        cost.samples = max(cost.samples, sum(int(m[protocol.NUM_EXAMPLES]) for m in metrics))
+        cost.sample_gradients += sum(int(m.get(protocol.SAMPLE_GRADIENTS, 0)) for m in metrics)
+        cost.compute_seconds += sum(float(m.get(protocol.COMPUTE_SECONDS, 0.0)) for m in metrics)
+        cost.distill_seconds += sum(float(m.get(protocol.DISTILL_SECONDS, 0.0)) for m in metrics)
+        cost.bytes_received += sum(array_bytes(reply) for reply in valid)
+        if self.on_round is not None and self._sent is not None:
+            self.on_round(server_round, self._sent, valid)
+        return valid
+
+    def finish_round(self) -> None:
+        """Add the round's wall time (since :meth:`configure_train`) to the stage's seconds."""
+        seconds = time.perf_counter() - self._round_started
+        self.cost.seconds += seconds
+        log(INFO, "%s round %s took %.1f s", self.stage_name, self._round, seconds)
+
+
+def reply_metrics(reply: Message) -> MetricRecord:
+    """The MetricRecord of a reply."""
+    return next(iter(reply.content.metric_records.values()))
+
+
+def reply_arrays(reply: Message) -> ArrayRecord:
+    """The ArrayRecord of a reply."""
+    return next(iter(reply.content.array_records.values()))
+
+
+def _failure_summary(stage: str, server_round: int, replies: list[Message]) -> str:
+    if not replies:
+        return f"{stage} round {server_round}: no client replied"
+    return f"{stage} round {server_round}: every client failed: " + " | ".join(_reasons(replies))
+
+
+def _reasons(failed: list[Message]) -> list[str]:
+    """The distinct error reasons of failed replies."""
+    return sorted({reply.error.reason.strip() for reply in failed})
