@@ -1,4 +1,4 @@
-"""qd_app ServerApp: validates the run settings and runs the phase with the chosen method
+"""qd_app ServerApp: validates the run settings, finds the method they name and runs the phase
 (:func:`qd_app.server.experiment.run_phase`)."""
 
 from logging import ERROR
@@ -9,6 +9,7 @@ from flwr.serverapp import Grid, ServerApp
 
 from .config import RunConfig
 from .errors import UserFacingError
+from .methods import resolve_method
 from .server.experiment import run_phase
 
 app = ServerApp()
@@ -18,7 +19,8 @@ app = ServerApp()
 def main(grid: Grid, context: Context) -> None:
     """Run the experiment the run config describes."""
     try:
-        run_phase(grid, RunConfig.from_run_config(context.run_config))
+        config = RunConfig.from_run_config(context.run_config)
+        run_phase(grid, config, resolve_method(config.method))
     except UserFacingError as exc:
         log(ERROR, "%s", exc)
         raise

@@ -15,7 +15,7 @@ from qd_app.config import RunConfig
 from qd_app.errors import ConfigError, FederationError
 from qd_app.core.models import ModelSpec, build_model
 from qd_app.server_app import app as server_app
-from qd_app.methods.strategies import TrainingStrategy
+from qd_app.server.strategies import TrainingStrategy
 
 
 def tiny_run_config(data_dir, output_dir, **overrides) -> dict:

@@ -13,7 +13,7 @@ from test_apps import run_server, tiny_run_config
 
 from qd_app.client import tasks as client_tasks
 from qd_app.server import experiment
-from qd_app.server import strategy as strategies
+from qd_app.server import strategies
 from qd_app.config import RunConfig
 from qd_app.errors import ConfigError, RequestError, StageFailedError
 from qd_app.core.models import ModelSpec, build_model

@@ -1,9 +1,9 @@
 """Unlearning methods, one module each, found by name through :data:`REGISTRY`.
 
 The ``method`` setting is a registered name or, for a method of your own, an import
-path ``package.module:ClassName`` of an :class:`~qd_app.methods.base.UnlearningMethod`
+path ``package.module:ClassName`` of an :class:`~qd_app.server.method.UnlearningMethod`
 subclass (the way Flower names its components). A new method is a module of its own
-and one line here.
+and one line here; the server side knows none of them by name.
 """
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ from __future__ import annotations
 import importlib
 
 from ..errors import ConfigError
-from .base import MethodContext, UnlearningMethod
+from ..server.method import MethodContext, UnlearningMethod
 
 REGISTRY: dict[str, str] = {
     "quickdrop": "qd_app.methods.quickdrop:QuickDrop",

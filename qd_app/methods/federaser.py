@@ -22,10 +22,9 @@ from ..request import UnlearningRequest
 from ..server.federation import Federation
 from ..server.history import UpdateHistory
 from ..server.ledger import UNLEARN, Forgotten
+from ..server.method import MethodContext, UnlearningMethod
 from ..server.stages import StagePlan
-from ..server.strategy import reply_arrays
-from .base import MethodContext, UnlearningMethod
-from .strategies import TrainingStrategy
+from ..server.strategies import TrainingStrategy, reply_arrays
 
 
 class FedEraserCalibration(TrainingStrategy):
@@ -41,7 +40,7 @@ class FedEraserCalibration(TrainingStrategy):
     history : UpdateHistory
         The updates recorded during training.
     **kwargs
-        As for :class:`~qd_app.methods.strategies.TrainingStrategy` (``participants``: the
+        As for :class:`~qd_app.server.strategies.TrainingStrategy` (``participants``: the
         retained clients; ``epochs``: ``ceil(r * local-epochs)``; ``exclude_classes``).
     """
 

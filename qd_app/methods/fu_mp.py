@@ -23,10 +23,9 @@ from ..errors import RequestError
 from ..request import UnlearningRequest
 from ..server.federation import Federation
 from ..server.ledger import RELEARN, Forgotten
+from ..server.method import MethodContext, UnlearningMethod
 from ..server.stages import StagePlan
-from ..server.strategy import StageStrategy
-from .base import MethodContext, UnlearningMethod
-from .strategies import RecoverStrategy
+from ..server.strategies import RecoverStrategy, StageStrategy
 
 
 class FUMPPruning(StageStrategy):
@@ -48,7 +47,7 @@ class FUMPPruning(StageStrategy):
     prune_fraction : float
         Fraction of each layer's units pruned.
     **kwargs
-        As for :class:`~qd_app.server.strategy.StageStrategy`.
+        As for :class:`~qd_app.server.strategies.StageStrategy`.
     """
 
     stage_name = "unlearn"

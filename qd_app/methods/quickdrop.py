@@ -17,9 +17,9 @@ from .. import protocol
 from ..request import UnlearningRequest
 from ..server.federation import Federation
 from ..server.ledger import Forgotten
+from ..server.method import MethodContext, UnlearningMethod
 from ..server.stages import StagePlan
-from ..server.strategy import StageStrategy
-from .base import MethodContext, UnlearningMethod
+from ..server.strategies import StageStrategy
 
 
 class QuickDropTraining(StageStrategy):
@@ -40,7 +40,7 @@ class QuickDropTraining(StageStrategy):
     num_rounds : int
         Rounds of the stage (the clients fine-tune in the last one).
     **kwargs
-        As for :class:`~qd_app.server.strategy.StageStrategy`.
+        As for :class:`~qd_app.server.strategies.StageStrategy`.
     """
 
     stage_name = "train"
@@ -86,7 +86,7 @@ class UnlearnStrategy(StageStrategy):
         of running its epochs in full. Meaningful for real data only (SGA-Or): distilled
         images are not samples of the test distribution.
     **kwargs
-        As for :class:`~qd_app.server.strategy.StageStrategy` (``participants`` is required).
+        As for :class:`~qd_app.server.strategies.StageStrategy` (``participants`` is required).
     """
 
     stage_name = "unlearn"

@@ -6,9 +6,9 @@ from flwr.app import ArrayRecord
 
 from ..request import UnlearningRequest
 from ..server.ledger import Forgotten
+from ..server.method import MethodContext, UnlearningMethod
 from ..server.stages import StagePlan
-from .base import MethodContext, UnlearningMethod
-from .strategies import TrainingStrategy
+from ..server.strategies import TrainingStrategy
 
 
 class RetrainStrategy(TrainingStrategy):

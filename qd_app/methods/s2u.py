@@ -12,10 +12,9 @@ from ..errors import RequestError
 from ..request import UnlearningRequest
 from ..server.federation import Federation
 from ..server.ledger import Forgotten
+from ..server.method import MethodContext, UnlearningMethod
 from ..server.stages import StagePlan
-from ..server.strategy import reply_arrays, reply_metrics
-from .base import MethodContext, UnlearningMethod
-from .strategies import TrainingStrategy
+from ..server.strategies import TrainingStrategy, reply_arrays, reply_metrics
 
 
 class S2UStrategy(TrainingStrategy):
@@ -29,7 +28,7 @@ class S2UStrategy(TrainingStrategy):
     scale : float
         Down-scaling factor of the forgotten clients' weights (``s2u-scale``, default 0.1).
     **kwargs
-        As for :class:`~qd_app.methods.strategies.TrainingStrategy` (``exclude_classes``:
+        As for :class:`~qd_app.server.strategies.TrainingStrategy` (``exclude_classes``:
         classes forgotten earlier).
     """
 

@@ -6,7 +6,7 @@ from flwr.app import ArrayRecord
 
 from .. import protocol
 from ..request import UnlearningRequest
-from .base import MethodContext
+from ..server.method import MethodContext
 from .quickdrop import GradientAscent
 
 

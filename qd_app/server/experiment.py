@@ -10,7 +10,8 @@
 - ``relearn``: load them and relearn forgotten classes or clients (those named by
   ``forget-class`` / ``forget-client``, else the latest request still in force).
 
-The run's method (:mod:`qd_app.methods`) supplies the stages; every request is checked
+The run's method (an :class:`~qd_app.server.method.UnlearningMethod`, e.g. one of
+:mod:`qd_app.methods`) supplies the stages; every request is checked
 against the federation, the stores and the record of requests before any stage runs,
 so a bad request changes nothing.
 """
@@ -35,12 +36,12 @@ from ..core.distillation import synthetic_count
 from ..core.models import ModelSpec
 from ..core.training import resolve_device
 from ..errors import RequestError
-from ..methods import MethodContext, UnlearningMethod, resolve_method
 from ..request import UnlearningRequest
 from . import planner
 from .evaluation import ServerEvaluator, SplitAccuracy, class_split, client_split, evaluate_on_clients
 from .federation import discover_federation
 from .ledger import NOTHING_FORGOTTEN, UNLEARN, RequestLog
+from .method import MethodContext, UnlearningMethod
 from .results import (
     TRAINED_CHECKPOINT_FILE,
     ExperimentRecord,
@@ -173,7 +174,7 @@ class Experiment:  # pylint: disable=too-many-instance-attributes
         if action == UNLEARN and len(after.classes) == self.spec.num_classes:
             log(WARNING, "%s leaves no class to keep: no data is left to recover on, and where the model predicts "
                 "the class everywhere with a large margin, gradient ascent finds almost no gradient and the class "
-                "may stay (README: Unlearning)", request.label)
+                "may stay (docs/unlearning.md)", request.label)
         excluded = before.classes | after.classes | (set(request.targets) if request.kind == "class" else set())
 
         def split(model: ArrayRecord) -> SplitAccuracy:
@@ -250,10 +251,10 @@ class Experiment:  # pylint: disable=too-many-instance-attributes
         log(INFO, "Results in %s (plot %s)", self.output_path, plot.name)
 
 
-def run_phase(grid: Grid, config: RunConfig, method: UnlearningMethod | None = None) -> Experiment:
-    """Everything a run does for its ``phase`` (see the module docstring), with ``method``
-    (default: the one the ``method`` setting names)."""
-    experiment = Experiment(grid, config, method or resolve_method(config.method))
+def run_phase(grid: Grid, config: RunConfig, method: UnlearningMethod) -> Experiment:
+    """Everything a run does for its ``phase`` (see the module docstring) with ``method``
+    (the ServerApp passes the one the ``method`` setting names)."""
+    experiment = Experiment(grid, config, method)
     plan = experiment.plan()
     arrays = experiment.train() if config.phase in ("all", "train") else experiment.load_model()
     for action, request in plan:

@@ -16,7 +16,7 @@ from .. import protocol
 from ..atomic import atomic_write_bytes
 from ..core.models import StateDict
 from .federation import Federation
-from .strategy import reply_arrays, reply_metrics
+from .strategies import reply_arrays, reply_metrics
 
 HISTORY_FOLDER = "federaser"  # under the experiment's outputs
 

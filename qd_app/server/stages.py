@@ -3,7 +3,7 @@
 Every stage has a ``name`` and a ``run(grid, arrays, num_rounds, evaluate_fn)`` that
 returns the new global model and one :class:`StageCost`. The shapes:
 
-- federated (:class:`~qd_app.server.strategy.StageStrategy`): FedAvg-style rounds that
+- federated (:class:`~qd_app.server.strategies.StageStrategy`): FedAvg-style rounds that
   send the global model to chosen clients and aggregate their replies;
 - server-only (:class:`ServerStage`): the server computes the new model alone and sends
   no message (data-free unlearning);

@@ -1,6 +1,7 @@
 """The method interface: what a method is asked for, and what it may use to answer.
 
 A method is a recipe: for each request the stages that serve it, and what it refuses.
+The methods in :mod:`qd_app.methods` (and a user's own) subclass :class:`UnlearningMethod`.
 The orchestration (:mod:`qd_app.server.experiment`) asks the run's method for its
 training stage, checks every request with :meth:`UnlearningMethod.check` before any
 stage runs, then runs the :class:`~qd_app.server.stages.StagePlan` lists that
@@ -21,14 +22,13 @@ from .. import protocol
 from ..config import RunConfig
 from ..core.models import ModelSpec, build_model
 from ..request import UnlearningRequest
-from ..server import planner
-from ..server.evaluation import ServerEvaluator
-from ..server.federation import Federation
-from ..server.history import HISTORY_FOLDER, UpdateHistory
-from ..server.ledger import Forgotten
-from ..server.stages import StagePlan
-from ..server.strategy import StageStrategy
-from .strategies import RecoverStrategy, RelearnStrategy, TrainingStrategy
+from . import planner
+from .evaluation import ServerEvaluator
+from .federation import Federation
+from .history import HISTORY_FOLDER, UpdateHistory
+from .ledger import Forgotten
+from .stages import StagePlan
+from .strategies import RecoverStrategy, RelearnStrategy, StageStrategy, TrainingStrategy
 
 
 @dataclass(frozen=True)
