@@ -130,6 +130,9 @@ class RunConfig:  # pylint: disable=too-many-instance-attributes
             value = getattr(self, _field_name(key))
             if value not in allowed:
                 raise invalid(key, value, f"must be one of {', '.join(allowed)}")
+        if not _METHOD_PATTERN.match(self.method):
+            raise invalid("method", self.method, "must be a method's name (quickdrop, retrain, sga, ...) or the "
+                          "import path of your own method, 'package.module:ClassName'")
         if not _EXPERIMENT_PATTERN.match(self.experiment):
             raise invalid(
                 "experiment", self.experiment, "must be a folder name of letters, digits, '.', '_', '-'"
@@ -159,9 +162,6 @@ class RunConfig:  # pylint: disable=too-many-instance-attributes
         for key in ("federaser-ratio", "prune-fraction", "s2u-scale"):
             if not 0.0 < getattr(self, _field_name(key)) <= 1.0:
                 raise invalid(key, getattr(self, _field_name(key)), "must be in (0, 1]")
-        if not _METHOD_PATTERN.match(self.method):
-            raise invalid("method", self.method, "must be a method's name (quickdrop, sga, retrain, ...) or the "
-                          "import path of your own method, 'package.module:ClassName'")
         if not _DEVICE_PATTERN.match(self.device):
             raise invalid("device", self.device, "must be auto, cpu, cuda or cuda:<index>")
         self.resolved_run_config()  # resolving the directories validates them

@@ -2,8 +2,8 @@
 
 Both sides import this module and nothing else of each other. A message carries
 everything its task needs (the model, the stage's settings); the run and node config
-say only what the run is (dataset, model architecture, partition, folders) and how a
-node computes (device, evaluation batch size).
+say only what the run is (dataset, model architecture, partition, seed, store scale,
+folders) and how a node computes (device, evaluation batch size).
 Replies carry model parameters and metrics only: never data, labels or synthetic images.
 
 Message types are Flower's ``train``, ``query`` and ``evaluate``, optionally followed by

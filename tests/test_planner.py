@@ -38,6 +38,8 @@ def test_each_phase_plans_its_actions():
         planner.plan_requests("unlearn", [], 2, no_latest)
     with pytest.raises(RequestError, match="nothing is forgotten"):
         planner.plan_requests("relearn", [], 2, lambda: None)
+    with pytest.raises(RequestError, match="relearn-rounds=0 would relearn nothing"):
+        planner.plan_requests("relearn", [CLASS_3], 0, no_latest)
 
 
 def test_requests_are_checked_against_the_federation_and_what_is_forgotten():

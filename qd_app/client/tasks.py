@@ -3,8 +3,8 @@
 Each function takes the client's :class:`ClientRun` and record contents and returns
 records; the math lives in :mod:`qd_app.core`. A task's settings (lr, epochs, classes,
 ...) arrive in the message's ConfigRecord (keys in :mod:`qd_app.protocol`); the run
-and node config say only what the run is (dataset, model, partition, folders) and how
-the node computes (device, evaluation batch size).
+and node config say only what the run is (dataset, model, partition, seed, store scale,
+folders) and how the node computes (device, evaluation batch size).
 Replies carry only model parameters and metrics: the data and the synthetic store stay
 on the client.
 """

@@ -2,7 +2,7 @@
 
 Readers use torchvision's dataset classes and file layouts under ``data-dir``:
 ``MNIST/raw``, ``FashionMNIST/raw``, ``cifar-10-batches-py`` and ``SVHN/*.mat``.
-Missing files are fetched by :mod:`qd_app.provisioning`. Images are held as one
+Missing files are fetched by :mod:`qd_app.core.provisioning`. Images are held as one
 normalised float tensor per split (one normalisation per dataset, shared by train
 and test), cached per process so a client handling many messages reads them once.
 """

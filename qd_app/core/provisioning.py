@@ -61,7 +61,7 @@ IDX_FILES = (
 
 
 class DatasetLayout(Protocol):
-    """What provisioning needs to know of a dataset (see ``qd_app.data.DatasetSpec``)."""
+    """What provisioning needs to know of a dataset (see ``qd_app.core.data.DatasetSpec``)."""
 
     name: str
     folder: str

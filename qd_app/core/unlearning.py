@@ -57,7 +57,7 @@ def fits_like_unseen(target_losses: Sequence[float]) -> AscentGoal:
     its class). Other clients may hold the same classes, so the data is not to be
     forgotten outright (Retrain-Or still classifies most of it), only to stop fitting
     better than unseen data on average (per-sample confidences can still differ, which
-    a membership attack sees: README, client-level benchmark)."""
+    a membership attack sees: docs/benchmark.md, client-level unlearning)."""
     targets = torch.tensor(list(target_losses), dtype=torch.float64)
 
     def reached(model: torch.nn.Module, data: LabeledImages, device: torch.device) -> bool:

@@ -15,8 +15,8 @@ from ..server.method import MethodContext, UnlearningMethod
 
 REGISTRY: dict[str, str] = {
     "quickdrop": "qd_app.methods.quickdrop:QuickDrop",
-    "sga": "qd_app.methods.sga:SGA",
     "retrain": "qd_app.methods.retrain:Retrain",
+    "sga": "qd_app.methods.sga:SGA",
     "federaser": "qd_app.methods.federaser:FedEraser",
     "fu-mp": "qd_app.methods.fu_mp:FUMP",
     "s2u": "qd_app.methods.s2u:S2U",

@@ -60,7 +60,7 @@ class FUMPPruning(StageStrategy):
         self.forget_classes = list(forget_classes)
         self.prune_fraction = prune_fraction
         self.stage_config[protocol.PRUNE_TARGET] = prune_target
-        self.pruned: list[list[int]] = []
+        self.pruned: list[list[int]] = []  # filled in place when the stage runs (PrunedRecovery holds it)
         self._arrays: ArrayRecord | None = None
 
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
@@ -82,7 +82,7 @@ class FUMPPruning(StageStrategy):
             reply_counts = torch.tensor(stats[protocol.COUNTS], dtype=torch.float64)
             sums = layer_sums if sums is None else [a + b for a, b in zip(sums, layer_sums)]
             counts = reply_counts if counts is None else counts + reply_counts
-        self.pruned = []
+        self.pruned.clear()
         for layer_sum in sums:
             means = layer_sum / counts.clamp_min(1).unsqueeze(1)
             scores = tf_idf_scores(means, self.forget_classes)
@@ -137,11 +137,4 @@ class FUMP(UnlearningMethod):
             participants=ctx.federation.nodes_where(lambda c: c.partition_id not in before.clients),
             forget_classes=list(request.targets), prune_fraction=config.prune_fraction,
         )
-        retained = ctx.training_participants(after)
-        recovery = StagePlan(
-            lambda: self.recover_strategy(ctx.federation, participants=retained, exclude_classes=sorted(after.classes),
-                                          layers=pruning.layers, pruned=pruning.pruned, data=self.data,
-                                          **ctx.stage_settings("recover")),
-            config.recover_rounds if retained else 0,
-        )
-        return [StagePlan(lambda: pruning, 1), recovery]
+        return [StagePlan(lambda: pruning, 1), self.recovery(ctx, after, layers=pruning.layers, pruned=pruning.pruned)]

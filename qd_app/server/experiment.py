@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import random
 import uuid
+from collections.abc import Callable
 from datetime import datetime, timezone
 from logging import INFO, WARNING
 from pathlib import Path
@@ -115,7 +116,7 @@ class Experiment:  # pylint: disable=too-many-instance-attributes
 
     # ------------------------------------------------------------------ stages
     def run_stage(self, stage: Stage, arrays: ArrayRecord, num_rounds: int, request: int | None = None,
-                  split=None) -> ArrayRecord:
+                  split: Callable[[ArrayRecord], SplitAccuracy] | None = None) -> ArrayRecord:
         """Run one stage for up to ``num_rounds`` rounds, record it, and return the new global model."""
         name = stage.stage_name
         eval_seconds_before = self.evaluator.seconds
@@ -152,9 +153,9 @@ class Experiment:  # pylint: disable=too-many-instance-attributes
         history.clear()  # updates of an earlier trained model
         strategy = self.method.training(self.context)
         arrays = self.run_stage(strategy, self.context.initial_model(), self.config.num_server_rounds)
-        self._record_stores({node: int(m.get(protocol.STORE_BYTES, 0)) for node, m in strategy.last_metrics.items()})
         if history.interval:
             self.record.stores["federaser-bytes"] = history.size_bytes()
+        self._record_stores({node: int(m.get(protocol.STORE_BYTES, 0)) for node, m in strategy.last_metrics.items()})
         self.save_model(arrays, TRAINED_CHECKPOINT_FILE)
         self.save_model(arrays)
         return arrays
@@ -194,7 +195,8 @@ class Experiment:  # pylint: disable=too-many-instance-attributes
             entry[f"after-{record.name}"] = record.split.as_dict() if record.split else None
             entry.setdefault("seconds", {})[record.name] = record.seconds
             entry.setdefault("samples", {})[record.name] = record.samples
-        entry["total-seconds"] = sum(entry.get("seconds", {}).values())
+        entry["total-seconds"] = sum(entry.setdefault("seconds", {}).values())
+        entry.setdefault("samples", {})
         train_seconds = self.record.stage_seconds("train")
         entry["fraction-of-training"] = entry["total-seconds"] / train_seconds if train_seconds else None
         self.forgotten = after

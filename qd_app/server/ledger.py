@@ -27,8 +27,8 @@ Entry = dict[str, Any]
 class Forgotten(NamedTuple):
     """Classes and clients (partition ids) forgotten at some point of the experiment."""
 
-    classes: set[int]
-    clients: set[int]
+    classes: frozenset[int]
+    clients: frozenset[int]
 
     def after(self, action: str, request: UnlearningRequest) -> Forgotten:
         """The state once ``action`` (unlearn or relearn) has served ``request``."""
@@ -38,14 +38,14 @@ class Forgotten(NamedTuple):
             changed |= set(request.targets)
         else:
             changed -= set(request.targets)
-        return Forgotten(classes, clients)
+        return Forgotten(frozenset(classes), frozenset(clients))
 
     def holds(self, request: UnlearningRequest) -> set[int]:
         """The targets of ``request`` that are forgotten now."""
         return set(request.targets) & (self.classes if request.kind == "class" else self.clients)
 
 
-NOTHING_FORGOTTEN = Forgotten(set(), set())
+NOTHING_FORGOTTEN = Forgotten(frozenset(), frozenset())
 
 
 def replay(entries: Iterable[Entry]) -> Forgotten:

@@ -74,7 +74,7 @@ class MethodContext:
 
 
 class UnlearningMethod:
-    """Base class of an unlearning method (subclass it; register it by name or import path).
+    """Base class of an unlearning method (subclass it; name yours by its import path).
 
     Set :attr:`name`, implement :meth:`unlearn`, and override :meth:`check` to refuse
     what the method cannot serve. The strategy classes its stages use are class
@@ -131,11 +131,12 @@ class UnlearningMethod:
             ctx.config.relearn_rounds,
         )]
 
-    def recovery(self, ctx: MethodContext, after: Forgotten) -> StagePlan:
-        """Recovery on the retain data of the clients not forgotten (none left: skipped)."""
+    def recovery(self, ctx: MethodContext, after: Forgotten, **options: Any) -> StagePlan:
+        """Recovery on the retain data of the clients not forgotten (none left: skipped);
+        ``options`` go to :attr:`recover_strategy` besides the stage settings."""
         retained = ctx.training_participants(after)
         return StagePlan(
             lambda: self.recover_strategy(ctx.federation, participants=retained, exclude_classes=sorted(after.classes),
-                                          data=self.data, **ctx.stage_settings("recover")),
+                                          data=self.data, **ctx.stage_settings("recover"), **options),
             ctx.config.recover_rounds if retained else 0,
         )

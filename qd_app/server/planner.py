@@ -34,10 +34,12 @@ def plan_requests(
     if phase == "all":
         plan = [(UNLEARN, request) for request in requests]
         return plan + [(RELEARN, requests[-1])] if requests and relearn_rounds > 0 else plan
-    if phase == UNLEARN:
+    if phase == "unlearn":
         if not requests:
             raise RequestError("phase=unlearn needs a request: set forget-class or forget-client")
         return [(UNLEARN, request) for request in requests]
+    if relearn_rounds == 0:
+        raise RequestError("phase=relearn with relearn-rounds=0 would relearn nothing: set relearn-rounds >= 1")
     if requests:
         return [(RELEARN, request) for request in requests]
     latest = latest_in_force()
