@@ -213,7 +213,7 @@ class RecoverStrategy(StageStrategy):
     data : str
         ``synthetic`` (QuickDrop: store and augmentation) or ``original`` (the baselines).
     **kwargs
-        As for :class:`~qd_app.server.strategies.StageStrategy` (``participants``: the
+        As for :class:`StageStrategy` (``participants``: the
         clients not forgotten).
     """
 
