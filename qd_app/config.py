@@ -22,7 +22,7 @@ from .request import UnlearningRequest, parse_requests
 DATASET_CLASSES = {"mnist": 10, "fashion-mnist": 10, "cifar10": 10, "svhn": 10}
 DATASET_NAMES = tuple(DATASET_CLASSES)
 PARTITIONINGS = ("dirichlet", "iid")
-PHASES = ("all", "train", "unlearn", "relearn")
+PHASES = ("all", "train", "unlearn", "relearn", "serve")
 MODEL_NAMES = ("convnet",)
 MODEL_NORMS = ("instance", "batch", "none")
 MODEL_POOLINGS = ("avg", "max", "none")
@@ -88,6 +88,7 @@ class RunConfig:  # pylint: disable=too-many-instance-attributes
     method: str = "quickdrop"
     forget_class: str = "9"
     forget_client: str = ""
+    request_ids: str = ""
     store_dir: str = ""
     scale: int = 100
     distill_lr: float = 0.1
@@ -164,6 +165,7 @@ class RunConfig:  # pylint: disable=too-many-instance-attributes
                 raise invalid(key, getattr(self, _field_name(key)), "must be in (0, 1]")
         if not _DEVICE_PATTERN.match(self.device):
             raise invalid("device", self.device, "must be auto, cpu, cuda or cuda:<index>")
+        self.serve_ids()  # parsing the ledger ids validates them
         self.resolved_run_config()  # resolving the directories validates them
         self.requests()  # parsing the request settings validates them
 
@@ -208,6 +210,23 @@ class RunConfig:  # pylint: disable=too-many-instance-attributes
             return parse_requests("forget-client", self.forget_client, "client")
         num_classes = DATASET_CLASSES[self.dataset]
         return parse_requests("forget-class", self.forget_class, "class", limit=num_classes, seed=self.seed)
+
+    def serve_ids(self) -> list[int]:
+        """The ledger ids ``request-ids`` names for ``phase=serve`` (empty: every pending request)."""
+        text = self.request_ids.strip()
+        if not text:
+            return []
+        if self.phase != "serve":
+            raise invalid("request-ids", self.request_ids, f"is read by phase=serve only (this run has "
+                          f"phase={self.phase!r}): set it empty")
+        try:
+            ids = [int(part) for part in text.split(",")]
+        except ValueError:
+            ids = []
+        if not ids or min(ids) < 1 or len(set(ids)) != len(ids):
+            raise invalid("request-ids", self.request_ids, "must be ledger ids >= 1 separated by ',', each once "
+                          "(see qd-app requests list), or empty for every pending request")
+        return ids
 
     def replace(self, **changes: Any) -> RunConfig:
         """A copy with some fields changed (validated again)."""

@@ -27,3 +27,7 @@ class StoreError(UserFacingError, RuntimeError):
 
 class RequestError(UserFacingError, ValueError):
     """An unlearning or relearning request cannot be served as asked."""
+
+
+class LedgerError(UserFacingError, RuntimeError):
+    """A request cannot be recorded as asked (unknown id, already served, another run serving)."""

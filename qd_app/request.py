@@ -1,4 +1,4 @@
-"""Unlearning requests: what to forget, and how the settings name it.
+"""Unlearning requests: what to forget, how the settings name it, and what is forgotten after serving some.
 
 ``forget-class`` and ``forget-client`` take a small grammar: ``"9"`` is one request,
 ``"3+5"`` forgets classes 3 and 5 together (parallel), ``"5,8,0"`` is a sequence of
@@ -10,11 +10,13 @@ QuickDrop paper's Figure 4).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 
 from .errors import ConfigError
+
+UNLEARN, RELEARN = "unlearn", "relearn"  # the two actions that serve a request
 
 
 @dataclass(frozen=True)
@@ -69,3 +71,27 @@ def parse_requests(
             raise ConfigError(f"invalid setting {key}={text!r}: a {kind} appears twice in one request")
         requests.append(UnlearningRequest(kind, tuple(sorted(targets))))
     return requests
+
+
+class Forgotten(NamedTuple):
+    """Classes and clients (partition ids) forgotten at some point of an experiment."""
+
+    classes: frozenset[int]
+    clients: frozenset[int]
+
+    def after(self, action: str, request: UnlearningRequest) -> Forgotten:
+        """The state once ``action`` (unlearn or relearn) has served ``request``."""
+        classes, clients = set(self.classes), set(self.clients)
+        changed = classes if request.kind == "class" else clients
+        if action == UNLEARN:
+            changed |= set(request.targets)
+        else:
+            changed -= set(request.targets)
+        return Forgotten(frozenset(classes), frozenset(clients))
+
+    def holds(self, request: UnlearningRequest) -> set[int]:
+        """The targets of ``request`` that are forgotten now."""
+        return set(request.targets) & (self.classes if request.kind == "class" else self.clients)
+
+
+NOTHING_FORGOTTEN = Forgotten(frozenset(), frozenset())

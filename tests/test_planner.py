@@ -1,14 +1,13 @@
-"""Planning and checking requests, and the request record, as pure functions (no Grid, no Flower run)."""
+"""Planning and checking requests as pure functions (no Grid, no Flower run)."""
 
 from __future__ import annotations
 
 import pytest
 
 from qd_app.errors import RequestError
-from qd_app.request import UnlearningRequest
+from qd_app.request import NOTHING_FORGOTTEN, Forgotten, UnlearningRequest
 from qd_app.server import planner
 from qd_app.server.federation import ClientInfo, Federation
-from qd_app.server.ledger import NOTHING_FORGOTTEN, Forgotten, RequestLog, replay
 
 CLASS_3 = UnlearningRequest("class", (3,))
 CLASSES_3_5 = UnlearningRequest("class", (3, 5))
@@ -73,29 +72,3 @@ def test_participants_follow_the_data_and_the_forgotten_state():
 def test_walking_a_plan_gives_each_step_the_state_it_starts_from():
     steps = planner.walk([("unlearn", CLASS_3), ("unlearn", CLIENT_1), ("relearn", CLASS_3)])
     assert [state for _, _, state in steps] == [(set(), set()), ({3}, set()), ({3}, {1})]
-
-
-def test_the_record_replays_to_what_is_forgotten_and_finds_the_latest_request_in_force(tmp_path):
-    log = RequestLog(tmp_path)
-    served = [("unlearn", CLASSES_3_5), ("unlearn", CLIENT_1), ("relearn", CLIENT_1), ("relearn", CLASS_3)]
-    for action, request in served:
-        log.append_entry({"action": action, **request.as_dict(), "lineage": "a"})
-    log.append_entry({"action": "unlearn", **CLASS_3.as_dict(), "lineage": "b"})  # another trained model
-    assert log.forgotten("a") == Forgotten({5}, set()) == replay(log.entries("a"))
-    assert log.latest_in_force("a") == CLASSES_3_5  # class 5 of it is still forgotten
-    assert log.latest_in_force("b") == CLASS_3
-    assert RequestLog(tmp_path / "none").latest_in_force("a") is None
-
-
-def test_the_model_is_saved_before_the_record_and_a_crash_between_is_repaired(tmp_path):
-    log, saved = RequestLog(tmp_path), []
-    entry = {"action": "unlearn", **CLASS_3.as_dict(), "lineage": "a"}
-    log.commit(entry, lambda count, logged: saved.append((count, logged, len(log.entries()))))
-    assert saved == [(1, entry, 0)] and log.entries() == [entry]  # the model knew of the entry first
-    second = {**entry, "targets": [4]}
-    log.repair("a", 2, second)  # the saved model reflects a second entry the log never got
-    log.repair("a", 2, second)  # repairing twice appends it once
-    assert [e["targets"] for e in log.entries("a")] == [[3], [4]]
-    with (tmp_path / "requests.jsonl").open("a") as file:
-        file.write('{"action": "unl')  # a line torn by a crash
-    assert len(log.entries()) == 2

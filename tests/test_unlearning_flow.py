@@ -17,7 +17,7 @@ from qd_app.server import strategies
 from qd_app.config import RunConfig
 from qd_app.errors import ConfigError, RequestError, StageFailedError
 from qd_app.core.models import ModelSpec, build_model
-from qd_app.server.ledger import RequestLog
+from qd_app.server.ledger import Ledger
 
 STRONG_UNLEARNING = {"unlearn-lr": 0.5, "unlearn-epochs": 5, "recover-epochs": 3, "relearn-epochs": 5,
                      "relearn-lr": 0.05, "scale": 10}
@@ -41,6 +41,11 @@ def nodes_sent(grid, message_type: str) -> list[list[int]]:
             server_round = int(message.content["config"]["server-round"])
             rounds.setdefault(server_round, []).append(message.metadata.dst_node_id - 100)
     return [sorted(partitions) for _, partitions in sorted(rounds.items())]
+
+
+def served(tmp_path: Path) -> list[tuple[str, list[int]]]:
+    """The requests the ledger records as served, in order."""
+    return [(r.action, list(r.targets)) for r in Ledger(tmp_path / "tiny").requests() if r.state == "served"]
 
 
 def warnings_logged(monkeypatch, module) -> list[str]:
@@ -82,7 +87,7 @@ def test_phase_all_trains_unlearns_recovers_and_relearns_a_class(tiny_mnist_dir,
     relearn = [m for m in grid.sent if m.metadata.message_type == "train.relearn"]
     assert {tuple(m.content["config"]["exclude-classes"]) for m in relearn} == {()}
     assert {tuple(m.content["config"]["relearn-classes"]) for m in relearn} == {(3,)}
-    assert [e["action"] for e in RequestLog(tmp_path / "tiny").entries()] == ["unlearn", "relearn"]
+    assert served(tmp_path) == [("unlearn", [3]), ("relearn", [3])]
     rounds = [r["round"] for r in record["rounds"]]
     assert rounds == list(range(len(rounds)))  # one numbering across all stages
 
@@ -121,9 +126,9 @@ def test_requests_arrive_in_later_runs_and_are_recorded(tiny_mnist_dir, tmp_path
     assert snapshot(tmp_path) == before
 
     run_server({**base, "phase": "relearn", "forget-class": ""})  # the latest request in force
-    log = RequestLog(tmp_path / "tiny")
-    assert [(e["action"], e["targets"]) for e in log.entries()] == [("unlearn", [3, 5]), ("relearn", [3, 5])]
-    assert log.forgotten() == (set(), set())
+    assert served(tmp_path) == [("unlearn", [3, 5]), ("relearn", [3, 5])]
+    lineage = torch.load(tmp_path / "tiny" / "model.pt", weights_only=True)["lineage"]
+    assert Ledger(tmp_path / "tiny").forgotten(lineage) == (set(), set())
     with pytest.raises(RequestError, match="nothing is forgotten"):
         run_server({**base, "phase": "relearn", "forget-class": ""})
 
@@ -165,26 +170,31 @@ def test_bad_requests_are_refused_and_change_nothing(tiny_mnist_dir, tmp_path):
         run_server({**base, "phase": "unlearn", "forget-class": "3"})
 
 
-def test_crash_between_saving_the_model_and_the_log_is_repaired(tiny_mnist_dir, tmp_path, monkeypatch):
+def test_crash_between_saving_the_model_and_the_ledger_is_repaired(tiny_mnist_dir, tmp_path, monkeypatch):
     base = tiny_run_config(tiny_mnist_dir, tmp_path, **STRONG_UNLEARNING)
     run_server({**base, "phase": "train"})
+    record = Ledger._record
 
-    def crash(self, entry):
-        raise OSError("killed")
+    def crash_before_served(self, request_id, event, payload, allowed):
+        if event == "served":
+            raise OSError("killed")
+        return record(self, request_id, event, payload, allowed)
 
-    monkeypatch.setattr(RequestLog, "append_entry", crash)
+    monkeypatch.setattr(Ledger, "_record", crash_before_served)
     with pytest.raises(OSError, match="killed"):
         run_server({**base, "phase": "unlearn", "forget-class": "4"})
     monkeypatch.undo()
-    assert RequestLog(tmp_path / "tiny").entries() == []
+    [request] = Ledger(tmp_path / "tiny").requests()
+    assert request.state == "running" and served(tmp_path) == []
     checkpoint = torch.load(tmp_path / "tiny" / "model.pt", weights_only=True)
     assert checkpoint["log-entries"] == 1  # the model already reflects the request
     with pytest.raises(RequestError, match="class 4 is already forgotten"):
         run_server({**base, "phase": "unlearn", "forget-class": "4"})
-    assert [e["targets"] for e in RequestLog(tmp_path / "tiny").entries()] == [[4]]
+    [request] = Ledger(tmp_path / "tiny").requests()
+    assert request.state == "served" and [a["outcome"] for a in request.attempts] == ["served"]
 
 
-def test_a_client_failing_mid_request_changes_nothing_and_the_request_can_be_served_again(
+def test_a_client_failing_mid_request_is_recorded_and_the_request_can_be_served_again(
         tiny_mnist_dir, tmp_path, monkeypatch):
     base = tiny_run_config(tiny_mnist_dir, tmp_path, **STRONG_UNLEARNING)
     run_server({**base, "phase": "train"})
@@ -198,10 +208,15 @@ def test_a_client_failing_mid_request_changes_nothing_and_the_request_can_be_ser
     with pytest.raises(StageFailedError, match="unlearn round .*every client failed: .*power cut"):
         run_server(request)
     monkeypatch.undo()
-    assert snapshot(tmp_path) == before  # model, log, results and stores as they were
+    [pending] = Ledger(tmp_path / "tiny").requests()
+    assert pending.state == "pending" and pending.attempts[0]["outcome"] == "failed"
+    assert "power cut" in pending.attempts[0]["reason"]
+    outside_ledger = {name: digest for name, digest in snapshot(tmp_path).items() if "ledger.sqlite" not in name}
+    assert outside_ledger == before  # model, results and stores as they were
 
-    run_server(request)
-    assert [e["targets"] for e in RequestLog(tmp_path / "tiny").entries()] == [[1]]
+    run_server(request)  # the same request again: the pending one is served, not a second
+    [request_served] = Ledger(tmp_path / "tiny").requests()
+    assert request_served.state == "served" and [a["outcome"] for a in request_served.attempts] == ["failed", "served"]
 
 
 def test_a_client_failing_in_one_round_is_left_out_with_a_warning(tiny_mnist_dir, tmp_path, monkeypatch):
@@ -221,8 +236,7 @@ def test_a_client_failing_in_one_round_is_left_out_with_a_warning(tiny_mnist_dir
     assert len(warnings) == 1
     assert warnings[0].startswith("unlearn round ") and "1 of 3 clients failed" in warnings[0]
     assert "disk full" in warnings[0]
-    [entry] = RequestLog(tmp_path / "tiny").entries()
-    assert entry["targets"] == [3]
+    assert served(tmp_path) == [("unlearn", [3])]
 
 
 def test_forgetting_the_last_class_kept_is_served_with_a_warning(tiny_mnist_dir, tmp_path, monkeypatch):
@@ -233,4 +247,4 @@ def test_forgetting_the_last_class_kept_is_served_with_a_warning(tiny_mnist_dir,
     assert warnings == []
     run_server({**base, "phase": "unlearn", "forget-class": "9"})
     assert [w.split(":")[0] for w in warnings] == ["class 9 leaves no class to keep"]
-    assert [e["targets"] for e in RequestLog(tmp_path / "tiny").entries()][-1] == [9]
+    assert served(tmp_path)[-1] == ("unlearn", [9])

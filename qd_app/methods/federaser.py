@@ -18,10 +18,9 @@ from flwr.serverapp import Grid
 from ..core.aggregation import calibrated_update, weighted_sum
 from ..core.models import StateDict
 from ..errors import RequestError
-from ..request import UnlearningRequest
+from ..request import UNLEARN, Forgotten, UnlearningRequest
 from ..server.federation import Federation
 from ..server.history import UpdateHistory
-from ..server.ledger import UNLEARN, Forgotten
 from ..server.method import MethodContext, UnlearningMethod
 from ..server.stages import StagePlan
 from ..server.strategies import TrainingStrategy, reply_arrays

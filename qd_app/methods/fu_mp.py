@@ -20,9 +20,8 @@ from .. import protocol
 from ..core.models import build_model
 from ..core.pruning import PrunableLayer, prunable_layers, prune, tf_idf_scores
 from ..errors import RequestError
-from ..request import UnlearningRequest
+from ..request import RELEARN, Forgotten, UnlearningRequest
 from ..server.federation import Federation
-from ..server.ledger import RELEARN, Forgotten
 from ..server.method import MethodContext, UnlearningMethod
 from ..server.stages import StagePlan
 from ..server.strategies import RecoverStrategy, StageStrategy

@@ -14,9 +14,8 @@ from typing import Any, ClassVar
 from flwr.app import ArrayRecord
 
 from .. import protocol
-from ..request import UnlearningRequest
+from ..request import Forgotten, UnlearningRequest
 from ..server.federation import Federation
-from ..server.ledger import Forgotten
 from ..server.method import MethodContext, UnlearningMethod
 from ..server.stages import StagePlan
 from ..server.strategies import StageStrategy

@@ -4,8 +4,7 @@ from __future__ import annotations
 
 from flwr.app import ArrayRecord
 
-from ..request import UnlearningRequest
-from ..server.ledger import Forgotten
+from ..request import Forgotten, UnlearningRequest
 from ..server.method import MethodContext, UnlearningMethod
 from ..server.stages import StagePlan
 from ..server.strategies import TrainingStrategy

@@ -9,9 +9,8 @@ from flwr.app import ArrayRecord, Message, MetricRecord
 from .. import protocol
 from ..core.aggregation import weighted_sum
 from ..errors import RequestError
-from ..request import UnlearningRequest
+from ..request import Forgotten, UnlearningRequest
 from ..server.federation import Federation
-from ..server.ledger import Forgotten
 from ..server.method import MethodContext, UnlearningMethod
 from ..server.stages import StagePlan
 from ..server.strategies import TrainingStrategy, reply_arrays, reply_metrics

@@ -8,12 +8,16 @@
 - ``unlearn``: load the current model (and, for QuickDrop, the clients' stores) and
   serve the requests;
 - ``relearn``: load them and relearn forgotten classes or clients (those named by
-  ``forget-class`` / ``forget-client``, else the latest request still in force).
+  ``forget-class`` / ``forget-client``, else the latest request still in force);
+- ``serve``: load them and serve the requests waiting in the ledger (``qd-app requests
+  submit``), in order, or those ``request-ids`` names.
 
 The run's method (an :class:`~qd_app.server.method.UnlearningMethod`, e.g. one of
-:mod:`qd_app.methods`) supplies the stages; every request is checked
-against the federation, the stores and the record of requests before any stage runs,
-so a bad request changes nothing.
+:mod:`qd_app.methods`) supplies the stages. Requests of the run config are checked
+against the federation, the stores and the ledger before any stage runs, so a bad one
+changes nothing; then they enter the ledger like submitted ones. A request that cannot
+be served now (a stage failed) records the failed attempt and stays pending; in
+``phase=serve`` one that can never be served is refused with the reason.
 """
 
 from __future__ import annotations
@@ -36,12 +40,12 @@ from ..core.data import dataset_spec
 from ..core.distillation import synthetic_count
 from ..core.models import ModelSpec
 from ..core.training import resolve_device
-from ..errors import RequestError
-from ..request import UnlearningRequest
+from ..errors import FederationError, RequestError, StageFailedError
+from ..request import NOTHING_FORGOTTEN, UNLEARN, UnlearningRequest
 from . import planner
 from .evaluation import ServerEvaluator, SplitAccuracy, class_split, client_split, evaluate_on_clients
 from .federation import discover_federation
-from .ledger import NOTHING_FORGOTTEN, UNLEARN, RequestLog
+from .ledger import PENDING, RUNNING, Ledger
 from .method import MethodContext, UnlearningMethod
 from .results import (
     TRAINED_CHECKPOINT_FILE,
@@ -49,11 +53,15 @@ from .results import (
     StageRecord,
     entry_summary,
     load_checkpoint,
+    model_digest,
     plot_class_accuracy,
     save_checkpoint,
     write_results,
 )
 from .stages import Stage, StagePlan
+
+
+Step = tuple[str, UnlearningRequest, int | None]  # action, request, ledger id (None: not recorded yet)
 
 
 class Experiment:  # pylint: disable=too-many-instance-attributes
@@ -71,7 +79,7 @@ class Experiment:  # pylint: disable=too-many-instance-attributes
         self.evaluator = ServerEvaluator(config, resolve_device(config.device))
         self.context = MethodContext(config, self.federation, self.model_spec, self.evaluator, self.output_path,
                                      random.Random(config.seed))
-        self.log = RequestLog(self.output_path)
+        self.ledger = Ledger(self.output_path)
         self.lineage = ""
         self.checkpoint: dict[str, Any] = {}
         self.forgotten = NOTHING_FORGOTTEN
@@ -79,35 +87,58 @@ class Experiment:  # pylint: disable=too-many-instance-attributes
         self.run_index = 0
 
     # ----------------------------------------------------------------- planning
-    def plan(self) -> planner.Plan:
-        """The (action, request) pairs this run serves, checked against the federation,
-        the method, the stored state and the stores; raises :class:`RequestError` before any work."""
+    def plan(self) -> list[Step]:
+        """The steps this run serves. The run config's requests are checked against the federation,
+        the method, the stored state and the stores (:class:`RequestError` before any work);
+        ``phase=serve`` takes the ledger's pending requests, checked one by one when served."""
         config = self.config
-        requests = config.requests()
+        requests = config.requests() if config.phase != "serve" else []
         planner.check_client_ids(requests, self.federation, config.forget_client)
         if config.phase not in ("all", "train"):
             self._load_state()
+        if config.phase == "serve":
+            return [(r.action, r.request, r.id) for r in self.ledger.pending(config.serve_ids())]
         plan = planner.plan_requests(config.phase, requests, config.relearn_rounds,
-                                     lambda: self.log.latest_in_force(self.lineage))
+                                     lambda: self.ledger.latest_in_force(self.lineage))
         participants: set[int] = set()
         for action, request, state in planner.walk(plan, self.forgotten):
-            self.method.check(self.context, action, request)
-            planner.check_request(action, request, state, self.federation)
+            self._check(action, request, state)
             participants |= set(planner.stage_participants(self.federation, action, request, state))
         if config.phase != "all" and self.method.data == protocol.SYNTHETIC:
             planner.check_stores(self.federation, participants)
-        return plan
+        return [(action, request, None) for action, request in plan]
+
+    def _check(self, action: str, request: UnlearningRequest, state) -> None:
+        """Refuse what can never be served from ``state`` (a :class:`RequestError` with the reason)."""
+        planner.check_client_ids([request], self.federation, ",".join(map(str, request.targets)))
+        self.method.check(self.context, action, request)
+        planner.check_request(action, request, state, self.federation)
+
+    def record_requests(self, steps: list[Step]) -> list[Step]:
+        """Enter the run config's requests in the ledger (a pending one asking the same is reused)."""
+        recorded = []
+        for action, request, request_id in steps:
+            if request_id is None:
+                request_id = self.ledger.receive_once(action, request, requester="run config", source="run-config")
+            recorded.append((action, request, request_id))
+        return recorded
 
     def _load_state(self) -> None:
-        """Current model's lineage and forgotten state, the earlier results, a repaired log."""
+        """Current model's lineage and forgotten state, the earlier results, a repaired ledger."""
         checkpoint = self.checkpoint = load_checkpoint(self.output_path)
         for key, value in {"dataset": self.config.dataset, "model": self.model_spec.as_dict()}.items():
             if checkpoint.get(key) != value:
                 raise RequestError(f"the model in {self.output_path} was trained with {key} {checkpoint.get(key)!r}, "
                                    f"this run has {value!r}")
         self.lineage = checkpoint["lineage"]
-        self.log.repair(self.lineage, checkpoint["log-entries"], checkpoint["last-log-entry"])
-        self.forgotten = self.log.forgotten(self.lineage)
+        self.ledger.import_old_log()
+        self.ledger.repair(self.lineage, checkpoint["log-entries"], checkpoint["last-log-entry"])
+        for request in self.ledger.requests():
+            if request.state == RUNNING:  # a run died while serving it: its model was never saved
+                self.ledger.interrupt(request.id)
+                log(WARNING, "Request %s (%s) was interrupted in an earlier run; it is pending again", request.id,
+                    request.request.label)
+        self.forgotten = self.ledger.forgotten(self.lineage)
         previous = ExperimentRecord.load(self.output_path)
         if previous is not None and previous.runs and previous.runs[0].get("lineage") == self.lineage:
             previous.config = self.record.config
@@ -166,9 +197,35 @@ class Experiment:  # pylint: disable=too-many-instance-attributes
         self._record_stores({node: info.store_bytes for node, info in self.federation.clients.items()})
         return ArrayRecord(self.checkpoint["state-dict"])
 
-    def serve(self, action: str, request: UnlearningRequest, arrays: ArrayRecord) -> ArrayRecord:
-        """Unlearn or relearn one request with the method's stages; record it and save the model."""
-        log(INFO, "%s %s", action.capitalize(), request.label)
+    def serve(self, action: str, request: UnlearningRequest, request_id: int, arrays: ArrayRecord) -> ArrayRecord:
+        """Unlearn or relearn one request with the method's stages; record it and save the model.
+
+        In ``phase=serve`` a request that can never be served is refused in the ledger (the
+        run goes on); a stage that fails records a failed attempt and stops the run, the
+        request pending for the next one.
+        """
+        log(INFO, "%s %s (request %s)", action.capitalize(), request.label, request_id)
+        before = self.forgotten
+        if self.config.phase == "serve":
+            try:
+                self._check(action, request, before)
+            except RequestError as exc:
+                self.ledger.refuse(request_id, str(exc))
+                log(WARNING, "Request %s refused: %s", request_id, exc)
+                return arrays
+        self.ledger.start(request_id, {"run": self.run_index, "method": self.method.name,
+                                       "model-before": model_digest(arrays.to_torch_state_dict())})
+        try:
+            if self.config.phase == "serve" and self.method.data == protocol.SYNTHETIC:
+                planner.check_stores(self.federation,
+                                     set(planner.stage_participants(self.federation, action, request, before)))
+            return self._serve(action, request, request_id, arrays)
+        except (RequestError, StageFailedError, FederationError) as exc:
+            self.ledger.fail(request_id, str(exc))
+            log(WARNING, "Request %s could not be served now and stays pending: %s", request_id, exc)
+            raise
+
+    def _serve(self, action: str, request: UnlearningRequest, request_id: int, arrays: ArrayRecord) -> ArrayRecord:
         index = len(self.record.requests)
         before = self.forgotten
         after = before.after(action, request)
@@ -181,8 +238,8 @@ class Experiment:  # pylint: disable=too-many-instance-attributes
         def split(model: ArrayRecord) -> SplitAccuracy:
             return self._split(model, request, excluded, before.clients | after.clients)
 
-        entry: dict[str, Any] = {"index": index, "action": action, **request.as_dict(), "label": request.label,
-                                 "run": self.run_index, "before": split(arrays).as_dict()}
+        entry: dict[str, Any] = {"index": index, "id": request_id, "action": action, **request.as_dict(),
+                                 "label": request.label, "run": self.run_index, "before": split(arrays).as_dict()}
         plans: list[StagePlan] = (self.method.unlearn(self.context, request, before, after, arrays)
                                   if action == UNLEARN else self.method.relearn(self.context, request, after))
         for plan in plans:
@@ -200,7 +257,7 @@ class Experiment:  # pylint: disable=too-many-instance-attributes
         train_seconds = self.record.stage_seconds("train")
         entry["fraction-of-training"] = entry["total-seconds"] / train_seconds if train_seconds else None
         self.forgotten = after
-        self._commit(arrays, action, request, entry)
+        self._commit(arrays, request_id, entry)
         return arrays
 
     def _split(self, arrays: ArrayRecord, request: UnlearningRequest, excluded_classes: set[int],
@@ -213,13 +270,15 @@ class Experiment:  # pylint: disable=too-many-instance-attributes
         return client_split(correct, totals, set(request.targets), forgotten_clients)
 
     # ----------------------------------------------------------------- records
-    def _commit(self, arrays: ArrayRecord, action: str, request: UnlearningRequest, entry: dict[str, Any]) -> None:
-        """Record the request in results.json, then save the model and append to the log, in that order."""
+    def _commit(self, arrays: ArrayRecord, request_id: int, entry: dict[str, Any]) -> None:
+        """Record the request in results.json, then save the model, then mark it served in the ledger."""
         self.record.requests.append(entry)
         write_results(self.output_path, self.record)
-        self.log.commit({**entry, "lineage": self.lineage, "served-at": _now()},
-                        lambda entries, logged: self.save_model(arrays, log_entries=entries, last_log_entry=logged))
-        log(INFO, "Served: %s %s: %s", action, request.label, entry_summary(entry))
+        served = {**entry, "lineage": self.lineage, "method": self.method.name,
+                  "model-after": model_digest(arrays.to_torch_state_dict()), "mia": None}
+        self.ledger.commit(request_id, served,
+                           lambda count, stamp: self.save_model(arrays, log_entries=count, last_log_entry=stamp))
+        log(INFO, "Served: %s %s (request %s): %s", entry["action"], entry["label"], request_id, entry_summary(entry))
 
     def save_model(self, arrays: ArrayRecord, name: str | None = None, log_entries: int = 0,
                    last_log_entry: dict[str, Any] | None = None) -> Path:
@@ -257,11 +316,13 @@ def run_phase(grid: Grid, config: RunConfig, method: UnlearningMethod) -> Experi
     """Everything a run does for its ``phase`` (see the module docstring) with ``method``
     (the ServerApp passes the one the ``method`` setting names)."""
     experiment = Experiment(grid, config, method)
-    plan = experiment.plan()
-    arrays = experiment.train() if config.phase in ("all", "train") else experiment.load_model()
-    for action, request in plan:
-        arrays = experiment.serve(action, request, arrays)
-    experiment.finish()
+    with experiment.ledger.serving():
+        steps = experiment.plan()
+        steps = experiment.record_requests(steps)
+        arrays = experiment.train() if config.phase in ("all", "train") else experiment.load_model()
+        for action, request, request_id in steps:
+            arrays = experiment.serve(action, request, request_id, arrays)
+        experiment.finish()
     return experiment
 
 

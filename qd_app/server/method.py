@@ -21,12 +21,11 @@ from flwr.app import ArrayRecord
 from .. import protocol
 from ..config import RunConfig
 from ..core.models import ModelSpec, build_model
-from ..request import UnlearningRequest
+from ..request import Forgotten, UnlearningRequest
 from . import planner
 from .evaluation import ServerEvaluator
 from .federation import Federation
 from .history import HISTORY_FOLDER, UpdateHistory
-from .ledger import Forgotten
 from .stages import StagePlan
 from .strategies import RecoverStrategy, RelearnStrategy, StageStrategy, TrainingStrategy
 

@@ -1,7 +1,7 @@
 """Planning a run's requests: what to serve, who takes part, and what to refuse (pure functions).
 
 Everything here works on the :class:`~qd_app.server.federation.Federation` inventory
-and the :class:`~qd_app.server.ledger.Forgotten` state, so a bad request is refused
+and the :class:`~qd_app.request.Forgotten` state, so a bad request is refused
 before any stage runs and nothing on disk changes. No Grid is needed: tests build a
 Federation by hand.
 """
@@ -12,9 +12,8 @@ from collections.abc import Callable
 
 from .. import protocol
 from ..errors import RequestError
-from ..request import UnlearningRequest
+from ..request import NOTHING_FORGOTTEN, RELEARN, UNLEARN, Forgotten, UnlearningRequest
 from .federation import ClientInfo, Federation
-from .ledger import NOTHING_FORGOTTEN, RELEARN, UNLEARN, Forgotten
 
 Plan = list[tuple[str, UnlearningRequest]]
 

@@ -7,6 +7,7 @@ is rewritten atomically after every stage, so an interrupted run keeps what it d
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 from dataclasses import dataclass, field
@@ -172,6 +173,16 @@ def save_checkpoint(
     path = output_path / name
     atomic_write_bytes(path, buffer.getvalue())
     return path
+
+
+def model_digest(state_dict: dict[str, torch.Tensor]) -> str:
+    """SHA-256 of a model's parameters and buffers (names, dtypes, shapes and values, in name order)."""
+    digest = hashlib.sha256()
+    for name in sorted(state_dict):
+        tensor = state_dict[name].detach().cpu().contiguous()
+        digest.update(f"{name}|{tensor.dtype}|{tuple(tensor.shape)}|".encode())
+        digest.update(tensor.numpy().tobytes() if tensor.dtype != torch.bfloat16 else tensor.float().numpy().tobytes())
+    return digest.hexdigest()
 
 
 def load_checkpoint(output_path: Path, name: str = CHECKPOINT_FILE) -> dict[str, Any]:
