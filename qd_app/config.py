@@ -254,13 +254,16 @@ class NodeSettings:
 
     ``partition-id`` and ``num-partitions`` pick the client's share of the data; in a
     deployment a SuperNode may also set ``data-dir`` and ``store-dir`` (its own disk),
-    which replace the run config's values on that node.
+    which replace the run config's values on that node, and ``worker=true``: its
+    ClientApps hand their work to one long-lived process of the node (which keeps torch,
+    the data and the store loaded between messages), instead of each loading them anew.
     """
 
     partition_id: int
     num_partitions: int
     data_dir: str | None = None
     store_dir: str | None = None
+    worker: bool = False
 
     @classmethod
     def from_node_config(cls, node_config: Mapping[str, Any]) -> NodeSettings:
@@ -282,7 +285,10 @@ class NodeSettings:
             if key in node_config:
                 paths[_field_name(key)] = str(node_config[key])
                 resolve_dir(key, paths[_field_name(key)], key)
-        return cls(partition_id, num_partitions, **paths)
+        worker = node_config.get("worker", False)
+        if not isinstance(worker, bool):
+            raise invalid("worker", worker, "must be true or false")
+        return cls(partition_id, num_partitions, **paths, worker=worker)
 
     def apply(self, config: RunConfig) -> RunConfig:
         """The run config as this node sees it (node-level paths replace run-level ones)."""

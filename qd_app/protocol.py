@@ -13,7 +13,11 @@ an action (``train.unlearn``); the ClientApp registers one handler per action
 
 from __future__ import annotations
 
-from flwr.app import MessageType
+import json
+from typing import Any
+
+import numpy as np
+from flwr.app import Array, ArrayRecord, ConfigRecord, MessageType, RecordDict
 
 # ----------------------------------------------------------------- message types
 # train.<action>: the client returns a model and a MetricRecord with NUM_EXAMPLES
@@ -93,3 +97,52 @@ STORE_STATUS = "store-status"  # "ok", "missing" or why the store cannot be used
 SYNTHETIC_COUNTS = "synthetic-counts"
 STORE_STATUS_OK = "ok"
 STORE_STATUS_MISSING = "missing"
+
+
+# ----------------------------------------------------------------- packed arrays
+# On a real federation every array of a message travels as an object of its own, one HTTP
+# exchange each; a model's dozen tensors then cost seconds per round. The deployment Grid
+# therefore sends each ArrayRecord as one array of bytes (and the ClientApp answers in
+# kind), with its keys, dtypes and shapes in a ConfigRecord beside it.
+PACKED = "packed"
+LAYOUT_SUFFIX = ".layout"
+
+
+def pack_arrays(content: RecordDict) -> RecordDict:
+    """``content`` with every ArrayRecord packed into one byte array (see above)."""
+    packed: dict[str, Any] = {}
+    for name, record in content.items():
+        if not isinstance(record, ArrayRecord) or name.endswith(LAYOUT_SUFFIX):
+            packed[name] = record
+            continue
+        arrays = {key: array.numpy() for key, array in record.items()}
+        layout = [[key, value.dtype.str, list(value.shape)] for key, value in arrays.items()]
+        data = b"".join(np.ascontiguousarray(value).tobytes() for value in arrays.values())
+        packed[name] = ArrayRecord({PACKED: Array(np.frombuffer(data, dtype=np.uint8))})
+        packed[name + LAYOUT_SUFFIX] = ConfigRecord({PACKED: json.dumps(layout)})
+    return RecordDict(packed)
+
+
+def unpack_arrays(content: RecordDict) -> RecordDict:
+    """Inverse of :func:`pack_arrays` (content without packed arrays is returned as it is)."""
+    if not is_packed(content):
+        return content
+    unpacked: dict[str, Any] = {}
+    for name, record in content.items():
+        if name.endswith(LAYOUT_SUFFIX):
+            continue
+        if name + LAYOUT_SUFFIX not in content:
+            unpacked[name] = record
+            continue
+        data, offset, arrays = record[PACKED].numpy().tobytes(), 0, {}
+        for key, dtype, shape in json.loads(str(content[name + LAYOUT_SUFFIX][PACKED])):
+            count = int(np.prod(shape, dtype=np.int64)) * np.dtype(dtype).itemsize
+            arrays[key] = Array(np.frombuffer(data[offset:offset + count], dtype=dtype).reshape(shape).copy())
+            offset += count
+        unpacked[name] = ArrayRecord(arrays)
+    return RecordDict(unpacked)
+
+
+def is_packed(content: RecordDict) -> bool:
+    """Whether ``content`` carries packed arrays."""
+    return any(name.endswith(LAYOUT_SUFFIX) for name in content)

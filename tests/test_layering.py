@@ -64,7 +64,7 @@ def in_layer(name: str, layer: str) -> bool:
 
 def test_the_layers_are_folders():
     assert {p.name for p in PACKAGE.iterdir() if p.is_dir() and (p / "__init__.py").exists()} == {
-        "core", "client", "server", "methods", "bench", "cli"}
+        "core", "client", "server", "methods", "bench", "cli", "deploy"}
 
 
 @pytest.mark.parametrize("module", sorted(m for m in MODULES if in_layer(m, "core")))
@@ -78,9 +78,12 @@ def test_the_client_side_imports_nothing_of_the_server_or_the_methods(module):
     assert not {m for m in reached if in_layer(m, "server") or in_layer(m, "methods") or in_layer(m, "bench")}
 
 
-@pytest.mark.parametrize("module", sorted(m for m in MODULES if not (in_layer(m, "bench") or in_layer(m, "cli"))))
+TOOLS = ("bench", "cli", "deploy")  # the commands a user runs beside flwr, and what they drive
+
+
+@pytest.mark.parametrize("module", sorted(m for m in MODULES if not any(in_layer(m, tool) for tool in TOOLS)))
 def test_the_tools_on_top_are_imported_by_nothing_below_them(module):
-    assert not {m for m in reachable(module) if in_layer(m, "bench") or in_layer(m, "cli")}
+    assert not {m for m in reachable(module) if any(in_layer(m, tool) for tool in TOOLS)}
 
 
 @pytest.mark.parametrize("module", sorted(m for m in MODULES if in_layer(m, "server")))

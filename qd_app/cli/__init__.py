@@ -12,13 +12,14 @@ import argparse
 import sys
 
 from ..errors import UserFacingError
-from . import requests
+from . import federation, requests
 
 
 def main(argv: list[str] | None = None) -> int:
     """Parse the command line and run it; returns the exit status (2: bad input, nothing changed)."""
     parser = argparse.ArgumentParser(prog="qd-app", description=__doc__.split("\n\n")[0])
     subcommands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    federation.add_parser(subcommands)
     requests.add_parser(subcommands)
     args = parser.parse_args(argv)
     try:

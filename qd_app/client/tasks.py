@@ -11,113 +11,25 @@ on the client.
 
 from __future__ import annotations
 
-import functools
+import time
 from collections.abc import Callable
-from dataclasses import dataclass
 from logging import WARNING
-from pathlib import Path
 from typing import Any
 
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, Context, MetricRecord
+from flwr.app import ArrayRecord, ConfigRecord, MetricRecord, RecordDict
 from flwr.common import log
 from torch import nn
 
 from .. import protocol
-from ..config import NodeSettings, RunConfig
-from ..core.data import LabeledImages, client_train_data, dataset_spec
+from ..core.data import LabeledImages
 from ..core.distillation import SyntheticSet, finetune_synthetic, initial_synthetic_set, train_with_distillation
-from ..core.models import ModelSpec, build_model
+from ..core.models import build_model
 from ..core.pruning import activation_statistics, prunable_layers
-from ..core.training import TrainStats, make_optimizer, predict, resolve_device, seeded_generator, train_epochs
+from ..core.training import TrainStats, make_optimizer, predict, train_epochs
 from ..core.unlearning import fits_like_unseen, forget_data, forgotten, gradient_ascent, relearn_data, retain_data
 from ..errors import StoreError
-from .store import check_identity, load_store, save_store, store_path
-
-
-@dataclass(frozen=True)
-class ClientRun:
-    """A client's view of the run: settings, its partition, its device and its store."""
-
-    config: RunConfig
-    node: NodeSettings
-    device: torch.device
-
-    @classmethod
-    def from_context(cls, context: Context) -> ClientRun:
-        """Validate the run and node settings of a message's context."""
-        node = NodeSettings.from_node_config(context.node_config)
-        config = node.apply(RunConfig.from_run_config(context.run_config))
-        return cls(config, node, resolve_device(config.device))
-
-    @functools.cached_property
-    def train_data(self) -> LabeledImages:
-        """This client's training samples."""
-        return client_train_data(self.config, self.node)
-
-    @property
-    def num_classes(self) -> int:
-        """Number of classes of the dataset."""
-        return dataset_spec(self.config.dataset).num_classes
-
-    @property
-    def model_spec(self) -> ModelSpec:
-        """The architecture of the run's model."""
-        return ModelSpec.from_config(self.config)
-
-    def model(self, arrays: ArrayRecord) -> nn.Module:
-        """The configured model holding the parameters in ``arrays``, on the device."""
-        model = build_model(self.model_spec)
-        model.load_state_dict(arrays.to_torch_state_dict())
-        return model.to(self.device)
-
-    @property
-    def store_file(self) -> Path:
-        """This client's synthetic store for the run's experiment."""
-        return store_path(self.config.store_path, self.config.experiment, self.node.partition_id)
-
-    def store_identity(self) -> dict[str, Any]:
-        """What a store must have been made from to serve this run."""
-        settings = self.config
-        return {
-            "dataset": settings.dataset,
-            "model": self.model_spec.as_dict(),
-            "experiment": settings.experiment,
-            "partition-id": self.node.partition_id,
-            "num-partitions": self.node.num_partitions,
-            "partitioning": settings.partitioning,
-            "alpha": settings.alpha,
-            "seed": settings.seed,
-            "scale": settings.scale,
-        }
-
-    def load_store(self) -> tuple[SyntheticSet, dict[str, Any]]:
-        """The client's store, refused if it was made for another setup."""
-        synthetic_set, metadata = load_store(self.store_file)
-        check_identity(self.store_file, metadata, self.store_identity())
-        return synthetic_set, metadata
-
-    def save_store(self, synthetic_set: SyntheticSet, metadata: dict[str, Any]) -> int:
-        """Write the store atomically; returns its size in bytes."""
-        metadata = {
-            **metadata,
-            **self.store_identity(),
-            "class-counts": self.train_data.class_counts(self.num_classes),
-            "synthetic-counts": synthetic_set.class_counts(self.num_classes),
-        }
-        return save_store(self.store_file, synthetic_set, metadata)
-
-    def stage_source(self, config: ConfigRecord) -> SyntheticSet:
-        """The data a stage draws from: the synthetic store (QuickDrop) or, for the
-        baselines (``data`` = ``original``), the client's original data."""
-        if config.get(protocol.DATA, protocol.SYNTHETIC) == protocol.ORIGINAL:
-            data = self.train_data
-            return SyntheticSet(data, LabeledImages(data.images[:0], data.labels[:0]))
-        return self.load_store()[0]
-
-    def generator(self, config: ConfigRecord, stage: int) -> torch.Generator:
-        """Randomness of one client in one round of one stage, reproducible from ``seed``."""
-        return seeded_generator(self.config.seed, stage, int(config[protocol.SERVER_ROUND]), self.node.partition_id)
+from .run import ClientRun
 
 
 TrainTask = Callable[[ClientRun, ArrayRecord, ConfigRecord], tuple[ArrayRecord, MetricRecord]]
@@ -287,3 +199,34 @@ def local_evaluate(client: ClientRun, arrays: ArrayRecord) -> MetricRecord:
         protocol.CORRECT: correct,
         protocol.ACCURACY: correct / len(data) if len(data) else 0.0,
     })
+
+
+def _train_task(task: TrainTask) -> Callable[[ClientRun, RecordDict], RecordDict]:
+    """A training task as a reply: the new model and its metrics, with the client's compute seconds."""
+
+    def reply(client: ClientRun, content: RecordDict) -> RecordDict:
+        started = time.perf_counter()
+        arrays, metrics = task(client, content[protocol.ARRAYS], content[protocol.CONFIG])
+        metrics[protocol.COMPUTE_SECONDS] = time.perf_counter() - started
+        return RecordDict({protocol.ARRAYS: arrays, protocol.METRICS: metrics})
+
+    return reply
+
+
+TASKS: dict[str, Callable[[ClientRun, RecordDict], RecordDict]] = {
+    protocol.QUERY: lambda client, _: RecordDict({protocol.INVENTORY: inventory(client)}),
+    protocol.message_type(protocol.QUERY, protocol.ACTIVATION_STATS): lambda client, content: RecordDict(
+        {protocol.STATISTICS: activation_stats(client, content[protocol.ARRAYS], content[protocol.CONFIG])}),
+    protocol.TRAIN: _train_task(local_train),
+    protocol.message_type(protocol.TRAIN, protocol.DISTILL): _train_task(distill_train),
+    protocol.message_type(protocol.TRAIN, protocol.UNLEARN): _train_task(unlearn),
+    protocol.message_type(protocol.TRAIN, protocol.RECOVER): _train_task(train_on_store),
+    protocol.message_type(protocol.TRAIN, protocol.RELEARN): _train_task(train_on_store),
+    protocol.EVALUATE: lambda client, content: RecordDict(
+        {protocol.METRICS: local_evaluate(client, content[protocol.ARRAYS])}),
+}
+
+
+def run_task(message_type: str, client: ClientRun, content: RecordDict) -> RecordDict:
+    """The reply content of the task a message type names."""
+    return TASKS[message_type](client, content)

@@ -45,6 +45,7 @@ from ..request import NOTHING_FORGOTTEN, UNLEARN, UnlearningRequest
 from . import planner
 from .evaluation import ServerEvaluator, SplitAccuracy, class_split, client_split, evaluate_on_clients
 from .federation import discover_federation
+from .grid import for_deployment
 from .ledger import PENDING, RUNNING, Ledger
 from .method import MethodContext, UnlearningMethod
 from .results import (
@@ -315,7 +316,7 @@ class Experiment:  # pylint: disable=too-many-instance-attributes
 def run_phase(grid: Grid, config: RunConfig, method: UnlearningMethod) -> Experiment:
     """Everything a run does for its ``phase`` (see the module docstring) with ``method``
     (the ServerApp passes the one the ``method`` setting names)."""
-    experiment = Experiment(grid, config, method)
+    experiment = Experiment(for_deployment(grid), config, method)
     with experiment.ledger.serving():
         steps = experiment.plan()
         steps = experiment.record_requests(steps)

@@ -1,0 +1,83 @@
+"""The pieces that make a real federation's rounds short, each on its own: packed arrays, the
+node's worker process, the SuperNode launcher's shorter waits."""
+
+from __future__ import annotations
+
+import inspect
+import subprocess
+import sys
+from multiprocessing.connection import Client
+
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, Message, RecordDict
+from inprocess import node_context, set_task_identity
+from test_apps import tiny_run_config
+
+from qd_app import protocol
+from qd_app.client.remote import worker_place
+from qd_app.client_app import app as client_app
+from qd_app.config import NodeSettings, RunConfig
+from qd_app.core.models import ModelSpec, build_model
+from qd_app.deploy import supernode
+
+
+def test_packed_arrays_come_back_exactly():
+    state = {"w": torch.randn(3, 4), "steps": torch.tensor(7, dtype=torch.int64), "b": torch.randn(4).double()}
+    content = RecordDict({"arrays": ArrayRecord(state), "config": ConfigRecord({"lr": 0.1})})
+    packed = protocol.pack_arrays(content)
+    assert protocol.is_packed(packed) and list(packed["arrays"].keys()) == [protocol.PACKED]
+    back = protocol.unpack_arrays(packed)["arrays"].to_torch_state_dict()
+    assert list(back) == ["w", "steps", "b"]
+    assert all(torch.equal(back[k], state[k]) and back[k].dtype == state[k].dtype for k in state)
+    assert protocol.unpack_arrays(content) is content  # nothing packed: unchanged
+
+
+def train_message(run_config: dict, packed: bool) -> Message:
+    arrays = ArrayRecord(build_model(ModelSpec.from_config(RunConfig.from_run_config(run_config)), seed=1).state_dict())
+    config = ConfigRecord({"lr": 0.05, "epochs": 1, "batch-size": 16, "momentum": 0.9, "weight-decay": 0.0,
+                           "max-steps": 3, "server-round": 1})
+    content = RecordDict({"arrays": arrays, "config": config})
+    return Message(protocol.pack_arrays(content) if packed else content, 3, "train")
+
+
+def test_a_node_worker_answers_as_the_clientapp_does_in_process(tiny_mnist_dir, tmp_path):
+    set_task_identity()
+    run_config = tiny_run_config(tiny_mnist_dir, tmp_path)
+    node_config = {"partition-id": 1, "num-partitions": 3}
+    in_process = client_app(train_message(run_config, packed=False), node_context(3, run_config, node_config))
+    worker_node = {**node_config, "worker": True}
+    try:
+        by_worker = client_app(train_message(run_config, packed=True), node_context(3, run_config, worker_node))
+        assert protocol.is_packed(by_worker.content)  # answered in kind
+        expected = in_process.content["arrays"].to_torch_state_dict()
+        got = protocol.unpack_arrays(by_worker.content)["arrays"].to_torch_state_dict()
+        assert all(torch.equal(got[key], expected[key]) for key in expected)  # the same seeded local SGD
+        assert by_worker.content["metrics"]["num-examples"] == in_process.content["metrics"]["num-examples"]
+        bad = client_app(train_message(run_config, packed=True),
+                         node_context(3, {**run_config, "alpha": -1.0}, worker_node))
+        assert bad.has_error() and "ConfigError: invalid setting alpha=-1.0" in bad.error.reason
+    finally:
+        address, key = worker_place(run_config, NodeSettings.from_node_config(worker_node))
+        with Client(address, family="AF_UNIX", authkey=key.read_bytes()) as connection:
+            connection.send("stop")
+    assert oct(key.stat().st_mode & 0o777) == "0o600"
+
+
+def test_the_clientapp_process_imports_neither_torch_nor_the_task_code():
+    probe = "import sys, qd_app.client_app; print(sorted(m for m in ('torch', 'qd_app.client.tasks') if m in sys.modules))"
+    result = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True)
+    assert result.stdout.strip() == "[]"
+
+
+def test_the_supernode_launcher_caps_exactly_the_waits_flower_hard_codes(monkeypatch):
+    from flwr.supernode import start_client_internal  # pylint: disable=import-outside-toplevel
+
+    source = inspect.getsource(start_client_internal)
+    assert "time.sleep(3)" in source and "time.sleep(0.5)" in source  # the waits of the pinned Flower
+    assert inspect.getmodule(start_client_internal.time) is not None  # reached as the module's `time`
+    slept = []
+    monkeypatch.setattr(supernode.time, "sleep", slept.append)
+    clock = supernode.capped_clock(0.25)
+    clock.sleep(3)
+    clock.sleep(0.1)
+    assert slept == [0.25, 0.1] and clock.time is supernode.time.time
