@@ -84,6 +84,7 @@ class RunConfig:  # pylint: disable=too-many-instance-attributes
     model_pooling: str = "avg"
     device: str = "auto"
     eval_batch_size: int = 500
+    node_wait_seconds: float = 600.0
     phase: str = "all"
     method: str = "quickdrop"
     forget_class: str = "9"
@@ -160,6 +161,8 @@ class RunConfig:  # pylint: disable=too-many-instance-attributes
         for key in ("lr", "distill-lr", "unlearn-lr", "recover-lr", "relearn-lr"):
             if not getattr(self, _field_name(key)) > 0:
                 raise invalid(key, getattr(self, _field_name(key)), "must be > 0")
+        if not self.node_wait_seconds >= 0:
+            raise invalid("node-wait-seconds", self.node_wait_seconds, "must be >= 0")
         for key in ("federaser-ratio", "prune-fraction", "s2u-scale"):
             if not 0.0 < getattr(self, _field_name(key)) <= 1.0:
                 raise invalid(key, getattr(self, _field_name(key)), "must be in (0, 1]")

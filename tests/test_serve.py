@@ -12,7 +12,7 @@ from test_apps import run_server, tiny_run_config
 from test_unlearning_flow import STRONG_UNLEARNING, snapshot
 
 from qd_app.cli import main as qd_app
-from qd_app.errors import ConfigError, LedgerError
+from qd_app.errors import ConfigError, FederationError, LedgerError
 from qd_app.server import experiment
 from qd_app.server.ledger import Ledger
 
@@ -140,3 +140,17 @@ def test_bad_input_to_the_other_actions(trained, tmp_path, capsys):
     assert qd_app(["requests", "list", "--output-dir", str(tmp_path / "file"), "--experiment", "tiny"]) == 2
     assert "unknown experiment 'tiny'" in capsys.readouterr().err
     assert snapshot(tmp_path) == {**before, "file": snapshot(tmp_path)["file"]}
+
+
+def test_a_request_that_needs_a_missing_partition_waits_for_a_later_run(trained, tmp_path):
+    submit(tmp_path, "--forget-class", "3")
+    two_of_three = [{"partition-id": p, "num-partitions": 3} for p in (0, 2)]
+    waiting = {**trained, "phase": "serve", "node-wait-seconds": 0.0}
+    with pytest.raises(FederationError, match="partitions \\[1\\] are not connected .*node-wait-seconds=0"):
+        run_server(waiting, node_configs=two_of_three)
+    [request] = Ledger(tmp_path / "tiny").requests()
+    assert request.state == "pending" and "partitions [1] are not connected" in request.attempts[0]["reason"]
+    with pytest.raises(FederationError, match="partitions \\[1\\] did not connect"):
+        run_server({**waiting, "phase": "train"}, node_configs=two_of_three)  # training needs every partition
+    run_server(waiting)  # every node back
+    assert states(tmp_path) == [(1, "class 3", "served")]

@@ -76,7 +76,8 @@ class Experiment:  # pylint: disable=too-many-instance-attributes
         self.spec = dataset_spec(config.dataset)
         self.model_spec = ModelSpec.from_config(config)
         random.seed(config.seed)
-        self.federation = discover_federation(grid)  # first: a client that cannot start says why
+        self.federation = discover_federation(grid, config.node_wait_seconds)  # first: a client that cannot start
+        # says why
         self.evaluator = ServerEvaluator(config, resolve_device(config.device))
         self.context = MethodContext(config, self.federation, self.model_spec, self.evaluator, self.output_path,
                                      random.Random(config.seed))
@@ -104,7 +105,8 @@ class Experiment:  # pylint: disable=too-many-instance-attributes
         participants: set[int] = set()
         for action, request, state in planner.walk(plan, self.forgotten):
             self._check(action, request, state)
-            participants |= set(planner.stage_participants(self.federation, action, request, state))
+            if not self.federation.missing:  # else serving it records a failed attempt
+                participants |= set(planner.stage_participants(self.federation, action, request, state))
         if config.phase != "all" and self.method.data == protocol.SYNTHETIC:
             planner.check_stores(self.federation, participants)
         return [(action, request, None) for action, request in plan]
@@ -175,6 +177,9 @@ class Experiment:  # pylint: disable=too-many-instance-attributes
     def train(self) -> ArrayRecord:
         """Federated training of a new lineage with the method's training stage (QuickDrop:
         with distillation into new stores); client updates recorded when configured."""
+        if self.federation.missing:
+            raise FederationError(f"partitions {self.federation.missing} did not connect within "
+                                  f"node-wait-seconds={self.config.node_wait_seconds:g}: training needs every one")
         self.lineage = f"{_now()}-{uuid.uuid4().hex[:8]}"
         self.start_run()
         self.record.federation = {
@@ -217,6 +222,10 @@ class Experiment:  # pylint: disable=too-many-instance-attributes
         self.ledger.start(request_id, {"run": self.run_index, "method": self.method.name,
                                        "model-before": model_digest(arrays.to_torch_state_dict())})
         try:
+            missing = [p for p in self.federation.missing if p not in before.clients]
+            if missing:
+                raise FederationError(f"partitions {missing} are not connected (the server waited "
+                                      f"node-wait-seconds={self.config.node_wait_seconds:g})")
             if self.config.phase == "serve" and self.method.data == protocol.SYNTHETIC:
                 planner.check_stores(self.federation,
                                      set(planner.stage_participants(self.federation, action, request, before)))
@@ -253,6 +262,8 @@ class Experiment:  # pylint: disable=too-many-instance-attributes
             entry[f"after-{record.name}"] = record.split.as_dict() if record.split else None
             entry.setdefault("seconds", {})[record.name] = record.seconds
             entry.setdefault("samples", {})[record.name] = record.samples
+            if getattr(stage, "left_out", None):  # clients that failed in a round and were left out of it
+                entry.setdefault("left-out", {})[record.name] = stage.left_out
         entry["total-seconds"] = sum(entry.setdefault("seconds", {}).values())
         entry.setdefault("samples", {})
         train_seconds = self.record.stage_seconds("train")

@@ -12,10 +12,11 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from logging import INFO
+from logging import INFO, WARNING
 
 from flwr.app import ConfigRecord, Message, RecordDict
 from flwr.common import log
+from flwr.common.constant import ErrorCode
 from flwr.serverapp import Grid
 
 from .. import protocol
@@ -45,9 +46,11 @@ class ClientInfo:
 
 @dataclass(frozen=True)
 class Federation:
-    """The clients of a run, by node id."""
+    """The clients of a run, by node id; ``expected``: the partitions the nodes say there are
+    (0: as many as answered), of which some may be :attr:`missing`."""
 
     clients: dict[int, ClientInfo]
+    expected: int = 0
 
     @property
     def node_ids(self) -> list[int]:
@@ -56,8 +59,14 @@ class Federation:
 
     @property
     def num_partitions(self) -> int:
-        """Number of clients (partitions) in the federation."""
-        return len(self.clients)
+        """Number of clients (partitions) in the federation, connected or not."""
+        return self.expected or len(self.clients)
+
+    @property
+    def missing(self) -> list[int]:
+        """Partitions no node holds in this run (they did not connect in time)."""
+        present = {info.partition_id for info in self.clients.values()}
+        return [partition for partition in range(self.num_partitions) if partition not in present]
 
     def node_of(self, partition_id: int) -> int:
         """The node holding a partition."""
@@ -76,42 +85,49 @@ class Federation:
 
 
 def discover_federation(grid: Grid, timeout_s: float = NODE_WAIT_TIMEOUT_S) -> Federation:
-    """Query every node until all partitions are present; see the module docstring.
+    """Query every node until all partitions are present, or ``timeout_s`` has passed: then the
+    federation is what connected, with the rest :attr:`Federation.missing` (what needs them
+    decides what to do); see the module docstring.
 
     Raises
     ------
     FederationError
-        If a node fails the query (its reason is included), nodes disagree on
-        ``num-partitions``, two nodes claim one partition, or not all partitions
-        connect within ``timeout_s``.
+        If a node's ClientApp fails the query (its reason is included), nodes disagree on
+        ``num-partitions``, two nodes claim one partition, or no node answers within ``timeout_s``.
     """
     deadline = time.monotonic() + timeout_s
     clients: dict[int, ClientInfo] = {}
+    unanswered: set[int] = set()  # listed, but gone when asked
     expected: int | None = None
     last_report = 0.0
     while expected is None or len(clients) < expected:
-        new_nodes = [node for node in grid.get_node_ids() if node not in clients]
+        new_nodes = [node for node in grid.get_node_ids() if node not in clients and node not in unanswered]
         if new_nodes:
             for info in _query(grid, new_nodes):
                 clients[info.node_id] = info
-            expected = _check_consistent(clients.values())
+            unanswered.update(node for node in new_nodes if node not in clients)
+            if clients:
+                expected = _check_consistent(clients.values())
             continue
         if time.monotonic() > deadline:
-            raise FederationError(
-                f"only {len(clients)} of {expected or '?'} partitions connected within "
-                f"{timeout_s:.0f} s: start one SuperNode per partition"
-            )
+            if not clients:
+                raise FederationError(f"no node connected within {timeout_s:.0f} s: start one SuperNode per "
+                                      "partition (node-wait-seconds sets how long the server waits)")
+            break
         if time.monotonic() - last_report > 10:
             log(INFO, "Waiting for nodes: %s of %s partitions connected", len(clients), expected or "?")
             last_report = time.monotonic()
         time.sleep(POLL_INTERVAL_S)
-    federation = Federation(clients)
+    federation = Federation(clients, expected or 0)
     log(
         INFO,
         "Federation: %s clients, samples per client %s",
         federation.num_partitions,
         [federation.clients[node].num_examples for node in federation.node_ids],
     )
+    if federation.missing:
+        log(WARNING, "Partitions %s did not connect within %.0f s; what needs them waits for a later run",
+            federation.missing, timeout_s)
     return federation
 
 
@@ -122,8 +138,11 @@ def _query(grid: Grid, node_ids: list[int]) -> list[ClientInfo]:
     ]
     infos = []
     for reply in grid.send_and_receive(messages):
-        if reply.has_error():
+        if reply.has_error() and reply.error.code == ErrorCode.CLIENT_APP_RAISED_EXCEPTION:
             raise FederationError(f"node {reply.metadata.src_node_id}: {reply.error.reason}")
+        if reply.has_error():  # the node went away since it was listed: it counts as not connected
+            log(WARNING, "Node %s did not answer: %s", reply.metadata.src_node_id, reply.error.reason)
+            continue
         answer = reply.content[protocol.INVENTORY]
         infos.append(
             ClientInfo(

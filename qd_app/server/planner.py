@@ -68,7 +68,7 @@ def check_request(action: str, request: UnlearningRequest, state: Forgotten, fed
             raise RequestError(
                 f"{request.label}: {request.kind} {sorted(already)[0]} is already forgotten (relearn it first)"
             )
-        if request.kind == "class" and not holders(federation, request.targets, state):
+        if request.kind == "class" and not federation.missing and not holders(federation, request.targets, state):
             raise RequestError(f"{request.label}: no remaining client holds data of it")
     elif state.holds(request) != set(request.targets):
         missing = sorted(set(request.targets) - state.holds(request))

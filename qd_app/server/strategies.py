@@ -104,6 +104,7 @@ class StageStrategy(FedAvg):
         self.on_round = on_round
         self.cost = StageCost()
         self.last_metrics: dict[int, MetricRecord] = {}
+        self.left_out: dict[str, str] = {}  # partition (as a JSON key) -> why it was left out of a round
         self.ended = False
         self._sent: ArrayRecord | None = None
         self._round_started = 0.0
@@ -171,6 +172,10 @@ class StageStrategy(FedAvg):
         if failed:
             log(WARNING, "%s round %s: %s of %s clients failed and are left out of the average: %s",
                 self.stage_name, server_round, len(failed), len(replies), " | ".join(_reasons(failed)))
+            for reply in failed:
+                node = reply.metadata.src_node_id
+                partition = self.federation.partition_of(node) if node in self.federation.clients else node
+                self.left_out.setdefault(str(partition), f"round {server_round}: {reply.error.reason.strip()}")
         self.last_metrics = {reply.metadata.src_node_id: reply_metrics(reply) for reply in valid}
         metrics = list(self.last_metrics.values())
         cost = self.cost
