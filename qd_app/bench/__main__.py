@@ -20,7 +20,7 @@ from .plots import plot
 from .report import markdown, summarise
 from .runner import run_seed
 from .suites import SUITES
-from .superlink import PROJECT, SimulationSuperLink
+from .superlink import PROJECT, DeploymentLink, SimulationSuperLink
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -49,12 +49,15 @@ def main(argv: list[str] | None = None) -> int:
         "suite": suite.name, "command": "python -m qd_app.bench " + " ".join(argv or sys.argv[1:]),
         "machine": _machine(), "seeds": seeds, "settings": suite.settings, "variants": {},
     }
-    with SimulationSuperLink(work / "flwrhome") as link:
-        for variant, overrides in suite.variants.items():
-            print(f"{suite.title} {variant}".strip(), flush=True)
-            results = [run_seed(link, suite, overrides, seed, work / (variant or "default") / f"seed-{seed}",
-                                suite.methods) for seed in seeds]
-            report["variants"][variant] = {"seeds": results, "summary": summarise(results, suite.methods)}
+    for variant, overrides in suite.variants.items():
+        print(f"{suite.title} {variant}".strip(), flush=True)
+        folder = work / (variant or "default").replace(" ", "-").replace("'", "")
+        link = (SimulationSuperLink(work / "flwrhome") if suite.deployment is None
+                else DeploymentLink(folder, suite.clients, **suite.deployment[variant]))
+        with link:
+            results = [run_seed(link, suite, overrides, seed, folder / f"seed-{seed}", suite.methods)
+                       for seed in seeds]
+        report["variants"][variant] = {"seeds": results, "summary": summarise(results, suite.methods)}
     report["wall-seconds"] = time.perf_counter() - started
     args.out.mkdir(parents=True, exist_ok=True)
     name = suite.name + ("-quick" if args.quick else "")

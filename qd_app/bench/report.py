@@ -93,6 +93,8 @@ def markdown(suite: Suite, report: dict[str, Any]) -> str:
             lines.append(line)
         if suite.relearn:
             lines += _relearn_lines(result["summary"])
+        if suite.deployment is not None:
+            lines += _round_lines(result["seeds"])
         lines += _request_lines(result["seeds"])
         train = _mean_std([s["train-seconds"] for s in result["seeds"]])
         lines += ["", f"Training (QuickDrop, with distillation): {_cell(train, digits=1)} s; "
@@ -150,6 +152,17 @@ def _relearn_lines(summary: dict[str, dict[str, Any]]) -> list[str]:
                      f"{_cell(entry['relearn-retain'], True)} | {_cell(entry['relearn-seconds'])} | "
                      f"{_cell(entry.get('relearn-quickdrop-speedup', (math.nan, 0)), digits=1)}x |")
     return lines + ["", "MIA, ToW and KL are not measured in this suite: the final models have relearned the class."]
+
+
+def _round_lines(seeds: list[dict[str, Any]]) -> list[str]:
+    """Seconds per round of every stage (a real federation: what one round of messages costs)."""
+    stages = {"training": [seed["train-round-seconds"] for seed in seeds]}
+    for method in seeds[0]["methods"]:
+        for stage in seeds[0]["methods"][method].get("round-seconds", {}):
+            stages[f"{method_title(method)} {stage}"] = [seed["methods"][method]["round-seconds"][stage]
+                                                         for seed in seeds]
+    return ["", "Seconds per round: " + "; ".join(f"{name} {_cell(_mean_std(values))}"
+                                                 for name, values in stages.items()) + "."]
 
 
 def _request_lines(seeds: list[dict[str, Any]]) -> list[str]:

@@ -16,18 +16,18 @@ from ..core.metrics import membership_inference, output_kl, tug_of_war
 from ..core.models import ModelSpec, build_model
 from ..core.training import logits
 from ..server.results import CHECKPOINT_FILE
-from .suites import EXPERIMENT, MIA_MEMBERS, NUM_CLIENTS, Suite, config_text
-from .superlink import SimulationSuperLink
+from .suites import EXPERIMENT, MIA_MEMBERS, Suite, config_text
+from .superlink import Link
 
 
 def _load_results(output_dir: Path) -> dict[str, Any]:
     return json.loads((output_dir / EXPERIMENT / "results.json").read_text())
 
 
-def _run(link: SimulationSuperLink, settings: dict[str, Any], label: str) -> dict[str, Any]:
+def _run(link: Link, suite: Suite, settings: dict[str, Any], label: str) -> dict[str, Any]:
     started = time.perf_counter()
     print(f"  [{time.strftime('%H:%M:%S')}] {label} ...", flush=True)
-    run, log = link.run_app(config_text(settings), NUM_CLIENTS)
+    run, log = link.run_app(config_text(settings), suite.clients)
     if run["status"] != "finished:completed":
         raise RuntimeError(f"{label} failed ({run['status']}):\n{log[-3000:]}")
     print(f"  [{time.strftime('%H:%M:%S')}] {label} done in {time.perf_counter() - started:.0f} s", flush=True)
@@ -47,6 +47,8 @@ def method_row(results: dict[str, Any], relearn: bool) -> dict[str, Any]:
         "sample-gradients": sum(s["sample-gradients"] for s in unlearn_stages),
         "bytes": sum(s.get("bytes", 0) for s in unlearn_stages),
         "compute-seconds": sum(s.get("compute-seconds", 0.0) for s in unlearn_stages),
+        "round-seconds": {s["name"]: s["seconds"] / s["rounds"] for s in unlearn_stages
+                          if s.get("rounds") and "seconds" in s},
         "before": unlearn["before"],
         "after": {key[len("after-"):]: value for key, value in unlearn.items() if key.startswith("after-")},
     }
@@ -78,7 +80,7 @@ def _model_metrics(config: RunConfig, suite: Suite, model_files: dict[str, Path]
     test = evaluation_split(config)
     if "forget-client" in suite.request and suite.request["forget-client"]:
         client = int(suite.request["forget-client"])
-        forget_index = partition_indices(config, NUM_CLIENTS)[client]
+        forget_index = partition_indices(config, suite.clients)[client]
         retain_mask = torch.ones(len(train), dtype=torch.bool)
         retain_mask[torch.as_tensor(forget_index)] = False
         test_forget = torch.zeros(len(test), dtype=torch.bool)
@@ -117,21 +119,21 @@ def _model_metrics(config: RunConfig, suite: Suite, model_files: dict[str, Path]
     return metrics
 
 
-def run_seed(link: SimulationSuperLink, suite: Suite, variant: dict[str, Any], seed: int, work: Path,
+def run_seed(link: Link, suite: Suite, variant: dict[str, Any], seed: int, work: Path,
              methods: tuple[str, ...]) -> dict[str, Any]:
     """Train once, then every method from a copy of the trained experiment."""
     base = {**suite.settings, **variant, "seed": seed, "experiment": EXPERIMENT, "store-dir": str(work / "stores")}
     trained = work / "train"
-    training = _run(link, {**base, "phase": "train", "output-dir": str(trained)}, f"seed {seed}: training")
+    training = _run(link, suite, {**base, "phase": "train", "output-dir": str(trained)}, f"seed {seed}: training")
     rows, model_files = {}, {}
     for method in methods:
         output = work / method
         shutil.rmtree(output, ignore_errors=True)
         shutil.copytree(trained, output)
         settings = {**base, **suite.request, "phase": "unlearn", "method": method, "output-dir": str(output)}
-        results = _run(link, settings, f"seed {seed}: {method}")
+        results = _run(link, suite, settings, f"seed {seed}: {method}")
         if suite.relearn:
-            results = _run(link, {**settings, "phase": "relearn", "forget-class": "", "forget-client": ""},
+            results = _run(link, suite, {**settings, "phase": "relearn", "forget-class": "", "forget-client": ""},
                            f"seed {seed}: {method} relearning")
         rows[method] = method_row(results, suite.relearn)
         if suite.sequence:
@@ -143,6 +145,7 @@ def run_seed(link: SimulationSuperLink, suite: Suite, variant: dict[str, Any], s
             rows[method].update(extra)
     train = training["stages"][0]
     return {"seed": seed, "train-seconds": train["seconds"], "train-accuracy": train["accuracy"],
+            "train-round-seconds": train["seconds"] / train["rounds"],
             "train-compute-seconds": train.get("compute-seconds", 0.0),
             "train-distill-seconds": train.get("distill-seconds", 0.0), "methods": rows,
             "federaser-bytes": training.get("stores", {}).get("federaser-bytes", 0),

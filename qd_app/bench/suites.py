@@ -24,6 +24,10 @@ class Suite:
     variants: dict[str, dict[str, Any]] = field(default_factory=lambda: {"": {}})
     by_variant: bool = False  # one table row per variant (a sweep) instead of per method
     sequence: bool = False  # a sequence of requests: plot every class's accuracy over the rounds
+    clients: int = NUM_CLIENTS
+    # "simulation", or a real federation on this machine (`qd-app federation up`) with these
+    # options per variant: `plain` runs Flower's own SuperNode and Grid, for comparison
+    deployment: dict[str, dict[str, Any]] | None = None
 
 
 SCALES = (1, 10, 50, 100, 200, 1000)
@@ -50,6 +54,10 @@ SUITES = {
               variants={f"s={scale}": {"scale": scale} for scale in SCALES}, by_variant=True),
         Suite("overhead", "Distillation overhead of QuickDrop training (cf. Table 6)", COMMON, (), {},
               variants={"MNIST": {}}, by_variant=True),
+        Suite("deployment", "Class-level unlearning of class 9 on a real federation: 3 SuperNodes on loopback",
+              COMMON, ("retrain", "quickdrop"), {"forget-class": "9"}, clients=3,
+              variants={"qd-app": {}, "Flower's defaults": {}},
+              deployment={"qd-app": {}, "Flower's defaults": {"plain": True}}),
     )
 }
 

@@ -1,8 +1,8 @@
-"""Run this app with the real ``flwr run`` against a private simulation SuperLink.
+"""Where the benchmark runs the app with the real ``flwr run``: a private simulation SuperLink, or a
+real federation on this machine (``qd-app federation up``).
 
-Used by the benchmark and the end-to-end tests: the SuperLink gets a free port and a
-scratch ``FLWR_HOME`` (so a user's own local SuperLink is never touched), and
-:meth:`SimulationSuperLink.stop` ends it and every process it started (Ray included).
+Both get a scratch ``FLWR_HOME`` (so a user's own connections are never touched), and
+stopping ends every process they started (Ray, SuperExecs and node workers included).
 """
 
 from __future__ import annotations
@@ -11,10 +11,19 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
+from typing import Protocol
 
+from ..deploy.federation import LocalFederation
 from ..deploy.processes import BIN, PROJECT, free_ports, run_app, start, stop, wait_for_port
 
-__all__ = ["PROJECT", "SimulationSuperLink"]
+__all__ = ["PROJECT", "DeploymentLink", "Link", "SimulationSuperLink"]
+
+
+class Link(Protocol):
+    """What the benchmark runs the app through."""
+
+    def run_app(self, run_config: str, num_supernodes: int, timeout: float = 3600) -> tuple[dict, str]:
+        """``flwr run``; returns the run's ``flwr ls`` entry and its log."""
 
 
 class SimulationSuperLink:
@@ -56,6 +65,46 @@ class SimulationSuperLink:
         shutil.rmtree(self.ray_tmp, ignore_errors=True)
 
     def __enter__(self) -> SimulationSuperLink:
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.stop()
+
+
+class DeploymentLink:
+    """A federation of ``nodes`` SuperNodes on this machine under ``folder`` (``plain``: Flower's own
+    SuperNode and Grid, as a baseline for the per-message cost), and ``flwr run`` against it."""
+
+    NAME = "qd-bench"
+
+    def __init__(self, folder: Path, nodes: int, plain: bool = False) -> None:
+        self.home = folder / "flwrhome"
+        self.home.mkdir(parents=True, exist_ok=True)
+        self.previous_home = os.environ.get("FLWR_HOME")
+        os.environ["FLWR_HOME"] = str(self.home)  # where `up` registers the connection
+        self.federation = LocalFederation(folder / "federation")
+        self.nodes = nodes
+        try:
+            self.federation.up(nodes, self.NAME, plain=plain)
+        except BaseException:
+            self.stop()
+            raise
+
+    def run_app(self, run_config: str, num_supernodes: int, timeout: float = 3600) -> tuple[dict, str]:
+        """``flwr run . --stream`` on the federation (it has ``num_supernodes`` nodes)."""
+        assert num_supernodes == self.nodes, f"the federation has {self.nodes} nodes, not {num_supernodes}"
+        return run_app(self.NAME, run_config, self.home, timeout=timeout)
+
+    def stop(self) -> None:
+        """Stop every process of the federation."""
+        if self.federation.load() is not None:
+            self.federation.down()
+        if self.previous_home is None:
+            os.environ.pop("FLWR_HOME", None)
+        else:
+            os.environ["FLWR_HOME"] = self.previous_home
+
+    def __enter__(self) -> DeploymentLink:
         return self
 
     def __exit__(self, *exc_info) -> None:

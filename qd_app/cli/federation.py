@@ -18,6 +18,8 @@ def add_parser(subcommands: argparse._SubParsersAction) -> None:
     up.add_argument("--nodes", type=int, required=True, help="number of SuperNodes (one partition each)")
     up.add_argument("--name", default="qd-local", help="the connection name for flwr run (default: qd-local)")
     up.add_argument("--secure", action="store_true", help="TLS and SuperNode authentication")
+    up.add_argument("--plain", action="store_true",
+                    help="Flower's own SuperNode and Grid, without the app's shorter rounds (a baseline)")
     up.add_argument("--port", type=int, default=0,
                     help="first of N+1 consecutive ports (SuperLink, then each SuperNode); default: free ones")
     down = actions.add_parser("down", parents=[folder], help="stop the federation's processes and their children")
@@ -34,7 +36,7 @@ def run(args: argparse.Namespace) -> int:
         if not args.secure:
             print("qd-app: insecure mode (plain HTTP, any SuperNode may join): for loopback only; use --secure "
                   "on a network")
-        state = federation.up(args.nodes, args.name, args.secure, args.port)
+        state = federation.up(args.nodes, args.name, args.secure, args.port, args.plain)
         print(f"federation {state.name!r} up: SuperLink {state.address}, {len(state.nodes)} SuperNodes "
               f"({'TLS, authenticated nodes' if state.secure else 'insecure'}); run the app with: "
               f"flwr run . {state.name} --stream")

@@ -21,6 +21,7 @@ from pathlib import Path
 
 from ..atomic import atomic_write_text
 from ..errors import ConfigError, FederationError
+from ..server.grid import PLAIN_GRID
 from . import connection, security
 from .processes import BIN, OFFLINE_ENVIRONMENT, Process, free_ports, port_free, start, stop, tail, wait_for_port
 
@@ -50,6 +51,7 @@ class FederationState:  # pylint: disable=too-many-instance-attributes
     port: int
     nodes: list[Node]
     superlink: dict[str, int] | None = None
+    plain: bool = False  # Flower's own SuperNode and Grid (no node worker, no shorter waits): a baseline
     created: str = field(default_factory=lambda: time.strftime("%Y-%m-%dT%H:%M:%S%z"))
 
     @property
@@ -84,10 +86,10 @@ class LocalFederation:
         """The ``--node-config`` of one SuperNode."""
         return (f"partition-id={node.partition} num-partitions={len(state.nodes)} "
                 f"data-dir='{self.folder / 'data'}' store-dir='{self.folder / f'node-{node.partition}' / 'store'}' "
-                "worker=true")
+                f"worker={'false' if state.plain else 'true'}")
 
     # ------------------------------------------------------------------ up
-    def plan(self, nodes: int, name: str, secure: bool, port: int) -> FederationState:
+    def plan(self, nodes: int, name: str, secure: bool, port: int, plain: bool = False) -> FederationState:
         """The federation to bring up: the recorded one (its settings must match), or a new one."""
         if nodes < 1:
             raise ConfigError(f"invalid option --nodes={nodes}: must be >= 1")
@@ -95,11 +97,11 @@ class LocalFederation:
             raise ConfigError(f"invalid option --name={name!r}: letters, digits, '_' and '-' only")
         recorded = self.load()
         if recorded is not None:
-            if (len(recorded.nodes), recorded.secure, recorded.name) != (nodes, secure, name):
+            if (len(recorded.nodes), recorded.secure, recorded.name, recorded.plain) != (nodes, secure, name, plain):
                 raise ConfigError(
                     f"{self.folder} holds a federation of {len(recorded.nodes)} nodes, "
-                    f"{'secure' if recorded.secure else 'insecure'}, named {recorded.name!r}: bring it up with "
-                    "those options, or use another --dir")
+                    f"{'secure' if recorded.secure else 'insecure'}{', plain' if recorded.plain else ''}, named "
+                    f"{recorded.name!r}: bring it up with those options, or use another --dir")
             return recorded
         if port:
             if not 1024 <= port <= 65535 - nodes:
@@ -107,12 +109,13 @@ class LocalFederation:
             ports = list(range(port, port + nodes + 1))
         else:
             ports = free_ports(nodes + 1)
-        return FederationState(name, secure, ports[0], [Node(i, p) for i, p in enumerate(ports[1:])])
+        return FederationState(name, secure, ports[0], [Node(i, p) for i, p in enumerate(ports[1:])], plain=plain)
 
-    def up(self, nodes: int, name: str = "qd-local", secure: bool = False, port: int = 0) -> FederationState:
+    def up(self, nodes: int, name: str = "qd-local", secure: bool = False, port: int = 0,
+           plain: bool = False) -> FederationState:
         """Start what is not running of the federation (see :meth:`plan`), register its connection,
         and wait until every SuperNode has joined. On failure, stop what this call started."""
-        state = self.plan(nodes, name, secure, port)
+        state = self.plan(nodes, name, secure, port, plain)
         wanted = [("superlink", state.port, state.superlink)] + [
             (f"node {n.partition}", n.port, n.process) for n in state.nodes]
         for what, wanted_port, process in wanted:
@@ -151,7 +154,7 @@ class LocalFederation:
         else:
             command.append("--insecure")
         log = self.folder / "logs" / "superlink.log"
-        popen, process = start(command, {"FLWR_HOME": str(home)}, log)
+        popen, process = start(command, {"FLWR_HOME": str(home), **({PLAIN_GRID: "1"} if state.plain else {})}, log)
         started.append(process)
         state.superlink = process.as_dict()
         self.save(state)
@@ -167,8 +170,9 @@ class LocalFederation:
         if node.process and Process(**node.process).alive():
             return
         home = self.folder / f"node-{node.partition}"
-        command = [str(BIN / "python"), "-m", "qd_app.deploy.supernode", "--superlink", state.address,
-                   "--port", str(node.port),
+        launcher = [str(BIN / "flower-supernode")] if state.plain else [str(BIN / "python"), "-m",
+                                                                         "qd_app.deploy.supernode"]
+        command = [*launcher, "--superlink", state.address, "--port", str(node.port),
                    "--node-config", self.node_config(state, node)]
         if state.secure:
             key = self.folder / "keys" / f"node-{node.partition}"
@@ -181,8 +185,10 @@ class LocalFederation:
         log = self.folder / "logs" / f"node-{node.partition}.log"
         offset = log.stat().st_size if log.exists() else 0
         threads = str(max(1, (os.cpu_count() or 1) // len(state.nodes)))  # the nodes share this machine's cores
-        popen, process = start(command, {"FLWR_HOME": str(home / "flwr"), "OMP_NUM_THREADS": threads, **NODE_POLL},
-                               log)
+        environment = {"FLWR_HOME": str(home / "flwr")}
+        if not state.plain:
+            environment.update({"OMP_NUM_THREADS": threads, **NODE_POLL})
+        popen, process = start(command, environment, log)
         started.append(process)
         node.process = process.as_dict()
         self.save(state)

@@ -10,6 +10,7 @@ ordinary records.
 
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import Iterable
 
@@ -20,6 +21,7 @@ from flwr.superlink.grid import HttpGrid
 from .. import protocol
 
 REPLY_POLL_INTERVAL_S = 0.1
+PLAIN_GRID = "QD_APP_FLOWER_GRID"  # set (by `qd-app federation up --plain`): Flower's Grid as it is, a baseline
 
 
 class DeploymentGrid(Grid):
@@ -73,5 +75,6 @@ class DeploymentGrid(Grid):
 
 
 def for_deployment(grid: Grid) -> Grid:
-    """The deployment Grid wrapped in :class:`DeploymentGrid`; any other Grid as it is."""
-    return DeploymentGrid(grid) if isinstance(grid, HttpGrid) else grid
+    """The deployment Grid wrapped in :class:`DeploymentGrid`; any other Grid (or with
+    ``QD_APP_FLOWER_GRID`` set in the SuperLink's environment) as it is."""
+    return DeploymentGrid(grid) if isinstance(grid, HttpGrid) and not os.environ.get(PLAIN_GRID) else grid
