@@ -8,9 +8,11 @@ over a local socket and imports neither torch nor the data. The worker is starte
 the first ClientApp that finds none; it stops when the node's SuperExec does, or after
 ``IDLE_SECONDS`` without a message.
 
-The socket lives in Linux's abstract namespace, named after the node's partition and
-folders; a key of 32 random bytes in the node's store folder (readable by its owner
-only) authenticates both ends.
+The worker runs the code of the app that started it (Flower installs each app version
+in a folder of its own): the socket lives in Linux's abstract namespace, named after the
+node's partition, its store folder and that code, and a worker started for a new version
+of the app stops the one before it. A key of 32 random bytes in the node's store folder
+(readable by its owner only) authenticates both ends.
 """
 
 from __future__ import annotations
@@ -34,13 +36,15 @@ from ..errors import UserFacingError
 
 START_TIMEOUT_S = 180.0  # a worker starting beside others on a small machine
 IDLE_SECONDS = 1800.0
+CODE_ROOT = Path(__file__).resolve().parents[2]  # the folder holding the qd_app this ClientApp runs
+STOP = "stop"
 RECORD_TYPES = {"arrays": ArrayRecord, "config": ConfigRecord, "metrics": MetricRecord}
 
 
 def worker_place(run_config: Mapping[str, Any], node: NodeSettings) -> tuple[str, Path]:
     """The worker's socket address and key file for this node."""
     folder = node.apply(RunConfig.from_run_config(run_config)).store_path
-    name = hashlib.sha256(f"{node.partition_id}|{folder.resolve()}".encode()).hexdigest()[:24]
+    name = hashlib.sha256(f"{node.partition_id}|{folder.resolve()}|{CODE_ROOT}".encode()).hexdigest()[:24]
     return f"\0qd-app-worker-{name}", folder / f".worker-{node.partition_id}.key"
 
 
@@ -65,12 +69,14 @@ def _connect(address: str, key_file: Path) -> Connection:
         return Client(address, family="AF_UNIX", authkey=key)
     except (ConnectionRefusedError, FileNotFoundError):
         pass
+    _stop_predecessor(address, key_file, key)
     log = key_file.with_suffix(".log")
+    path = os.pathsep.join(filter(None, [str(CODE_ROOT), os.environ.get("PYTHONPATH")]))
     with open(log, "ab") as output:
         subprocess.Popen(  # pylint: disable=consider-using-with  (it outlives this process)
             [sys.executable, "-m", "qd_app.client.worker", "--address", address[1:], "--key-file", str(key_file),
              "--watch", str(os.getppid()), "--idle-seconds", str(IDLE_SECONDS)],
-            stdin=subprocess.DEVNULL, stdout=output, stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL, stdout=output, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONPATH": path},
         )
     deadline = time.monotonic() + START_TIMEOUT_S
     while True:
@@ -81,6 +87,19 @@ def _connect(address: str, key_file: Path) -> Connection:
                 raise RuntimeError(f"the node's worker did not start within {START_TIMEOUT_S:.0f} s "
                                    f"(its log: {log})") from None
             time.sleep(0.1)
+
+
+def _stop_predecessor(address: str, key_file: Path, key: bytes) -> None:
+    """Stop the node's worker of an earlier version of the app, if one runs; remember this one."""
+    record = key_file.with_suffix(".address")
+    previous = record.read_text() if record.exists() else ""
+    if previous and previous != address[1:]:
+        try:
+            with Client("\0" + previous, family="AF_UNIX", authkey=key) as connection:
+                connection.send(STOP)
+        except (ConnectionRefusedError, FileNotFoundError, EOFError):
+            pass  # it is gone already
+    record.write_text(address[1:])
 
 
 def _key(key_file: Path) -> bytes:

@@ -22,12 +22,11 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import UserFacingError
-from .remote import from_plain, to_plain
+from .remote import STOP, from_plain, to_plain
 from .run import ClientRun
 from .tasks import run_task
 
 KEEP_RUNS = 2
-STOP = "stop"
 
 
 class Worker:

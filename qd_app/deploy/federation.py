@@ -185,9 +185,7 @@ class LocalFederation:
         log = self.folder / "logs" / f"node-{node.partition}.log"
         offset = log.stat().st_size if log.exists() else 0
         threads = str(max(1, (os.cpu_count() or 1) // len(state.nodes)))  # the nodes share this machine's cores
-        environment = {"FLWR_HOME": str(home / "flwr")}
-        if not state.plain:
-            environment.update({"OMP_NUM_THREADS": threads, **NODE_POLL})
+        environment = {"FLWR_HOME": str(home / "flwr"), "OMP_NUM_THREADS": threads, **({} if state.plain else NODE_POLL)}
         popen, process = start(command, environment, log)
         started.append(process)
         node.process = process.as_dict()
