@@ -1,9 +1,10 @@
 """The pieces that make a real federation's rounds short, each on its own: packed arrays, the
-node's worker process, the SuperNode launcher's shorter waits."""
+node's worker process, the SuperNode launcher's shorter waits, the SuperExec's warm ClientApp starts."""
 
 from __future__ import annotations
 
 import inspect
+import os
 import subprocess
 import sys
 from multiprocessing.connection import Client
@@ -81,3 +82,53 @@ def test_the_supernode_launcher_caps_exactly_the_waits_flower_hard_codes(monkeyp
     clock.sleep(3)
     clock.sleep(0.1)
     assert slept == [0.25, 0.1] and clock.time is supernode.time.time
+
+
+ZYGOTE_PROBE = """
+import os, sys, time
+from pathlib import Path
+from qd_app.deploy.superexec import Zygote
+
+out = Path(sys.argv[1])
+def entry_point():
+    (out / str(os.getpid())).write_text(" ".join(sys.argv))
+    sys.exit(0)
+
+zygote = Zygote.start(entry_point)
+zygote.popen(["flwr-clientapp", "--token", "a"])
+zygote.popen(["flwr-clientapp", "--token", "b"])
+while len(list(out.iterdir())) < 2:
+    time.sleep(0.01)
+zygote.close()
+os.waitpid(zygote.pid, 0)
+print(zygote.pid)
+"""
+
+
+def test_the_zygote_forks_one_process_per_launch_and_ends_with_its_superexec(tmp_path):
+    result = subprocess.run([sys.executable, "-c", ZYGOTE_PROBE, str(tmp_path)], capture_output=True, text=True,
+                            timeout=60, check=True)
+    zygote = int(result.stdout)
+    launched = {int(path.name): path.read_text() for path in tmp_path.iterdir()}
+    assert sorted(launched.values()) == ["flwr-clientapp --token a", "flwr-clientapp --token b"]
+    assert zygote not in launched and len(launched) == 2
+
+
+def test_a_launch_after_the_zygote_is_gone_starts_the_process_the_usual_way(tmp_path):
+    from qd_app.deploy.superexec import Zygote  # pylint: disable=import-outside-toplevel
+
+    read, write = os.pipe()
+    os.close(read)
+    process = Zygote(write, pid=0).popen([sys.executable, "-c", f"open({str(tmp_path / 'ran')!r}, 'w')"])
+    assert process.wait(timeout=30) == 0 and (tmp_path / "ran").exists()
+
+
+def test_flower_still_waits_for_objects_where_the_launchers_shorten_the_wait():
+    from flwr.superlink.grid import http_grid  # pylint: disable=import-outside-toplevel
+    from flwr.supernode import start_client_internal  # pylint: disable=import-outside-toplevel
+    from flwr.supernode.runtime import run_clientapp  # pylint: disable=import-outside-toplevel
+
+    for function in (start_client_internal.pull_objects, run_clientapp.pull_and_inflate_object_from_tree,
+                     http_grid.pull_objects):
+        assert "initial_backoff" in inspect.signature(function).parameters
+    assert "subprocess.Popen(command)" in inspect.getsource(start_client_internal)  # how it starts the SuperExec

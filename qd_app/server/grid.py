@@ -5,22 +5,27 @@ message as an object of its own (one HTTP exchange each): a round of a second's 
 took several seconds. :class:`DeploymentGrid` looks for replies every 0.1 s and sends
 each ArrayRecord packed into one array (:func:`qd_app.protocol.pack_arrays`); the
 ClientApp answers in kind, and replies are unpacked as they arrive, so strategies see
-ordinary records.
+ordinary records. A reply is listed before all its objects have reached the SuperLink;
+Flower's Grid then waits 1 s before asking again, this process's Grid 0.05 s (doubling
+from there, as Flower's).
 """
 
 from __future__ import annotations
 
+import functools
 import os
 import time
 from collections.abc import Iterable
 
 from flwr.app import Message, RecordDict
 from flwr.serverapp import Grid
-from flwr.superlink.grid import HttpGrid
+from flwr.supercore.inflatable import inflatable_utils
+from flwr.superlink.grid import HttpGrid, http_grid
 
 from .. import protocol
 
 REPLY_POLL_INTERVAL_S = 0.1
+OBJECT_PULL_BACKOFF_S = 0.05
 PLAIN_GRID = "QD_APP_FLOWER_GRID"  # set (by `qd-app federation up --plain`): Flower's Grid as it is, a baseline
 
 
@@ -77,4 +82,7 @@ class DeploymentGrid(Grid):
 def for_deployment(grid: Grid) -> Grid:
     """The deployment Grid wrapped in :class:`DeploymentGrid`; any other Grid (or with
     ``QD_APP_FLOWER_GRID`` set in the SuperLink's environment) as it is."""
-    return DeploymentGrid(grid) if isinstance(grid, HttpGrid) and not os.environ.get(PLAIN_GRID) else grid
+    if not isinstance(grid, HttpGrid) or os.environ.get(PLAIN_GRID):
+        return grid
+    http_grid.pull_objects = functools.partial(inflatable_utils.pull_objects, initial_backoff=OBJECT_PULL_BACKOFF_S)
+    return DeploymentGrid(grid)
