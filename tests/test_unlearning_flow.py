@@ -239,12 +239,34 @@ def test_a_client_failing_in_one_round_is_left_out_with_a_warning(tiny_mnist_dir
     assert served(tmp_path) == [("unlearn", [3])]
 
 
-def test_forgetting_the_last_class_kept_is_served_with_a_warning(tiny_mnist_dir, tmp_path, monkeypatch):
+def test_a_request_for_every_class_at_once_is_answered_by_the_initial_model(tiny_mnist_dir, tmp_path, monkeypatch):
     base = tiny_run_config(tiny_mnist_dir, tmp_path, **STRONG_UNLEARNING)
     run_server({**base, "phase": "train"})
     warnings = warnings_logged(monkeypatch, experiment)
-    run_server({**base, "phase": "unlearn", "forget-class": "0+1+2+3+4+5+6+7+8"})
+    grid = run_server({**base, "phase": "unlearn", "method": "sga", "forget-class": "0+1+2+3+4+5+6+7+8+9"})
     assert warnings == []
-    run_server({**base, "phase": "unlearn", "forget-class": "9"})
-    assert [w.split(":")[0] for w in warnings] == ["class 9 leaves no class to keep"]
-    assert served(tmp_path)[-1] == ("unlearn", [9])
+    assert not any(m.metadata.message_type.startswith("train.") for m in grid.sent)  # no stage reached a client
+    assert results(tmp_path)["requests"][-1]["exact"] == experiment.NOTHING_LEFT
+    initial = build_model(ModelSpec.from_config(RunConfig.from_run_config(base)), seed=0).state_dict()
+    final = torch.load(tmp_path / "tiny" / "model.pt", weights_only=True)["state-dict"]
+    assert all(torch.equal(final[key], initial[key]) for key in initial)
+    assert served(tmp_path)[-1] == ("unlearn", list(range(10)))
+
+
+def test_forgetting_every_class_ends_at_the_initial_model_without_ascent(tiny_mnist_dir, tmp_path):
+    light = {"num-server-rounds": 1, "unlearn-rounds": 1, "recover-rounds": 1, "relearn-rounds": 0}
+    config = tiny_run_config(tiny_mnist_dir, tmp_path, phase="all", **{"forget-class": "all"}, **light)
+    grid = run_server(config)
+    record = results(tmp_path)
+    *earlier, last = record["requests"]
+    assert len(earlier) == 9 and not any("exact" in r for r in earlier)
+    assert last["exact"] == experiment.NOTHING_LEFT and "after-reset" in last
+    assert [s["name"] for s in record["stages"] if s["request"] == last["index"]] == ["reset"]
+    ascended = {tuple(m.content["config"]["forget-classes"]) for m in grid.sent
+                if m.metadata.message_type == "train.unlearn"}
+    assert ascended == {tuple(r["targets"]) for r in earlier}  # no ascent on the last class
+    spec = ModelSpec.from_config(RunConfig.from_run_config(config))
+    initial = build_model(spec, seed=0).state_dict()
+    final = torch.load(tmp_path / "tiny" / "model.pt", weights_only=True)["state-dict"]
+    assert all(torch.equal(final[key], initial[key]) for key in initial)
+    assert served(tmp_path)[-1] == ("unlearn", [last["targets"][0]])

@@ -59,9 +59,10 @@ from .results import (
     save_checkpoint,
     write_results,
 )
-from .stages import Stage, StagePlan
+from .stages import ResetStage, Stage, StagePlan
 
 
+NOTHING_LEFT = "no data left to keep: the initial model, as Retrain-Or would return"
 Step = tuple[str, UnlearningRequest, int | None]  # action, request, ledger id (None: not recorded yet)
 
 
@@ -239,10 +240,6 @@ class Experiment:  # pylint: disable=too-many-instance-attributes
         index = len(self.record.requests)
         before = self.forgotten
         after = before.after(action, request)
-        if action == UNLEARN and len(after.classes) == self.spec.num_classes:
-            log(WARNING, "%s leaves no class to keep: no data is left to recover on, and where the model predicts "
-                "the class everywhere with a large margin, gradient ascent finds almost no gradient and the class "
-                "may stay (docs/unlearning.md)", request.label)
         excluded = before.classes | after.classes | (set(request.targets) if request.kind == "class" else set())
 
         def split(model: ArrayRecord) -> SplitAccuracy:
@@ -250,8 +247,14 @@ class Experiment:  # pylint: disable=too-many-instance-attributes
 
         entry: dict[str, Any] = {"index": index, "id": request_id, "action": action, **request.as_dict(),
                                  "label": request.label, "run": self.run_index, "before": split(arrays).as_dict()}
-        plans: list[StagePlan] = (self.method.unlearn(self.context, request, before, after, arrays)
-                                  if action == UNLEARN else self.method.relearn(self.context, request, after))
+        if action == UNLEARN and not self.context.training_participants(after):
+            log(INFO, "%s leaves no data to keep: the model goes back to its initialisation, Retrain-Or's answer",
+                request.label)
+            entry["exact"] = NOTHING_LEFT
+            plans = [StagePlan(lambda: ResetStage(self.context.initial_model), 1)]
+        else:
+            plans = (self.method.unlearn(self.context, request, before, after, arrays)
+                     if action == UNLEARN else self.method.relearn(self.context, request, after))
         for plan in plans:
             if plan.rounds == 0:
                 continue

@@ -113,6 +113,21 @@ class ServerStage:
         return arrays, self.cost
 
 
+class ResetStage(ServerStage):
+    """The exact answer to a request that leaves no data to keep: the model training
+    starts from (Retrain-Or, with nothing to train on, returns it unchanged)."""
+
+    stage_name = "reset"
+
+    def __init__(self, initial_model: Callable[[], ArrayRecord]) -> None:
+        super().__init__()
+        self.initial_model = initial_model
+
+    def update(self, server_round: int, arrays: ArrayRecord) -> ArrayRecord:
+        """The initial model, whatever ``arrays`` is."""
+        return self.initial_model()
+
+
 class RelayStage:
     """A stage that addresses messages per destination and aggregates nothing.
 
