@@ -68,7 +68,7 @@ EXCLUDE_CLASSES = "exclude-classes"
 RELEARN_CLASSES = "relearn-classes"
 FORGET_CLASSES = "forget-classes"
 FORGET_EVERYTHING = "forget-everything"  # client-level: every sample of the source is forget data
-TARGET_LOSSES = "target-losses"  # per-class loss on unseen data, the goal of client-level ascent
+UNSEEN_LOSS_QUANTILES = "unseen-loss-quantiles"  # per-class loss quantiles on unseen data: client-level ascent's goal
 PRUNE_TARGET = "prune-target"  # FU-MP: features or channels
 
 # ----------------------------------------------------------------- MetricRecord keys

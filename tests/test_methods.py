@@ -12,7 +12,7 @@ import torch
 from test_apps import run_server, tiny_run_config
 
 from qd_app.errors import RequestError
-from qd_app.core.unlearning import LOSS_CAP
+from qd_app.core.unlearning import LOSS_CAP, UNSEEN_QUANTILES
 
 STAGES = {
     "quickdrop": ["unlearn", "recover"],
@@ -73,15 +73,17 @@ def test_s2u_forgets_a_client_in_one_phase(trained, tmp_path):
 
 
 @pytest.mark.parametrize("method", ["sga", "quickdrop"])
-def test_only_sga_or_ascends_a_client_towards_the_test_loss(trained, tmp_path, method):
+def test_a_client_ascends_towards_the_fit_of_unseen_data_and_recovery_follows_only_a_change(trained, tmp_path, method):
     config = copy_of(trained, tmp_path)
     grid = run_server({**config, "phase": "unlearn", "method": method, "forget-class": "", "forget-client": "1"})
     [unlearn] = [m for m in grid.sent if m.metadata.message_type == "train.unlearn"]
-    target_losses = list(unlearn.content["config"]["target-losses"])
-    if method == "sga":  # the trained model's per-class loss on the test images: real data to compare with
-        assert len(target_losses) == 10 and all(0 < loss <= LOSS_CAP for loss in target_losses)
-    else:  # synthetic images are no samples of the test data: one round of fixed epochs
-        assert target_losses == []
+    quantiles = list(unlearn.content["config"]["unseen-loss-quantiles"])
+    assert len(quantiles) == 10 * UNSEEN_QUANTILES and all(0 <= loss <= LOSS_CAP for loss in quantiles)
+    [reply] = [m for m in grid.replies if m.metadata.message_type == "train.unlearn"]
+    stepped = reply.content["metrics"]["sample-gradients"] > 0
+    recovered = any(m.metadata.message_type == "train.recover" for m in grid.sent)
+    request = json.loads((tmp_path / "tiny" / "results.json").read_text())["requests"][-1]
+    assert recovered == stepped and (request.get("skipped") == ["recover"]) == (not stepped)
 
 
 @pytest.mark.parametrize(

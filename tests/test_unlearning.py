@@ -13,7 +13,7 @@ from qd_app.core.distillation import SyntheticSet
 from qd_app.core.models import ModelSpec, build_model
 from qd_app.core.training import logits, make_optimizer, predict, seeded_generator, train_epochs
 from qd_app.core.unlearning import (
-    FORGET_PROBABILITY, LOSS_CAP, capped_losses, class_losses, fits_like_unseen, forget_data, forgotten,
+    FORGET_PROBABILITY, LOSS_CAP, capped_losses, class_loss_quantiles, fits_like_unseen, forget_data, forgotten,
     gradient_ascent, relearn_data, retain_data,
 )
 
@@ -59,22 +59,48 @@ def test_class_losses_are_capped_per_class_means():
     labels = torch.tensor([0, 0, 0, 1])
     by_hand = [math.log(2), math.log(1 + math.exp(-2)), LOSS_CAP]  # the third (loss 100) counts as LOSS_CAP
     assert capped_losses(outputs, labels).tolist() == pytest.approx(by_hand + [math.log(2)])
-    assert class_losses(outputs, labels, 3)[:2] == pytest.approx([sum(by_hand) / 3, math.log(2)])
-    assert math.isnan(class_losses(outputs, labels, 3)[2])
+    quantiles = torch.tensor(class_loss_quantiles(outputs, labels, 3, count=3)).view(3, 3)
+    assert quantiles[0].tolist() == pytest.approx(sorted(by_hand))  # min, median, max of class 0
+    assert quantiles[1].tolist() == pytest.approx([math.log(2)] * 3)
+    assert quantiles[2].isnan().all()  # no sample of class 2
 
 
-def test_client_level_ascent_on_real_data_stops_once_it_fits_like_unseen_data(tiny_mnist_dir):
+def test_data_drawn_like_the_unseen_data_fits_like_unseen_and_better_fitted_data_does_not():
+    generator = torch.Generator().manual_seed(0)
+    labels = torch.randint(0, 2, (4000,), generator=generator)
+    confidence = torch.rand(4000, generator=generator) * 6  # true-class logit margin, spread
+    outputs = torch.zeros(4000, 2)
+    outputs[torch.arange(4000), labels] = confidence
+    unseen = class_loss_quantiles(outputs[:2000], labels[:2000], 2)
+    goal = fits_like_unseen(unseen, 2)
+
+    class Fixed(torch.nn.Module):  # a "model" whose outputs are given: row i for input i
+        def __init__(self, rows):
+            super().__init__()
+            self.rows = rows
+
+        def forward(self, index):
+            return self.rows[index.flatten().long()]
+
+    def fits(rows, data_labels):
+        return goal(Fixed(rows), LabeledImages(torch.arange(len(rows)).float().view(-1, 1), data_labels), "cpu")
+
+    assert fits(outputs[2000:] * 0.98, labels[2000:])  # a little less confident than unseen data: fits like it
+    assert not fits(outputs[2000:] * 1.1, labels[2000:])  # more confident: fits better than unseen data
+
+
+def test_client_level_ascent_on_synthetic_data_stops_once_real_data_fits_like_unseen(tiny_mnist_dir):
     model, data = trained_model(tiny_mnist_dir)
     train_epochs(model, data, optimizer=make_optimizer(model, 0.02, 0.9), epochs=3, batch_size=32,
                  generator=seeded_generator(3))  # fit the training data better than unseen data
     unseen = load_split("mnist", tiny_mnist_dir, False)
-    targets = class_losses(logits(model, unseen.images, 64), unseen.labels, 10)
+    goal = fits_like_unseen(class_loss_quantiles(logits(model, unseen.images, 64), unseen.labels, 10), 10)
     client = data.subset(torch.arange(0, len(data), 2))
-    goal = fits_like_unseen(targets)
+    stand_ins = data.subset(torch.arange(1, len(data), 2))  # the ascent runs on other images of the classes
     assert not goal(model, client, torch.device("cpu"))
-    stats = gradient_ascent(model, client, optimizer=make_optimizer(model, 0.02, 0.9), epochs=20, batch_size=32,
-                            generator=seeded_generator(1), goal=goal)
-    assert 0 < stats.steps < 20 * math.ceil(len(client) / 32)
+    stats = gradient_ascent(model, stand_ins, optimizer=make_optimizer(model, 0.02, 0.9), epochs=20, batch_size=32,
+                            generator=seeded_generator(1), goal=goal, goal_data=client)
+    assert 0 < stats.steps < 20 * math.ceil(len(stand_ins) / 32)
     assert goal(model, client, torch.device("cpu"))
     assert (predict(model, client.images, 64) == client.labels).float().mean() > 0.5  # fits, not forgotten
 

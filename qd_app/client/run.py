@@ -22,6 +22,7 @@ from ..core.data import LabeledImages, client_train_data, dataset_spec
 from ..core.distillation import SyntheticSet
 from ..core.models import ModelSpec, build_model
 from ..core.training import resolve_device, seeded_generator
+from ..core.unlearning import GOAL_SAMPLES
 from .store import check_identity, load_store, save_store, store_path
 
 
@@ -109,6 +110,13 @@ class ClientRun:
             data = self.train_data
             return SyntheticSet(data, LabeledImages(data.images[:0], data.labels[:0]))
         return self.load_store()[0]
+
+    def goal_sample(self, config: ConfigRecord) -> LabeledImages:
+        """Up to GOAL_SAMPLES of the client's real samples, drawn from ``seed``: what a
+        client-level ascent's goal is judged on (a forward pass, no gradient)."""
+        data = self.train_data
+        order = torch.randperm(len(data), generator=self.generator(config, 6))
+        return data.subset(order[:GOAL_SAMPLES])
 
     def generator(self, config: ConfigRecord, stage: int) -> torch.Generator:
         """Randomness of one client in one round of one stage, reproducible from ``seed``."""

@@ -145,19 +145,24 @@ def distill_train(client: ClientRun, arrays: ArrayRecord, config: ConfigRecord) 
 def unlearn(client: ClientRun, arrays: ArrayRecord, config: ConfigRecord) -> tuple[ArrayRecord, MetricRecord]:
     """Gradient ascent on the forget data (the forget classes, or everything) of the stage's source.
 
-    Class-level ascent goes until the classes are :func:`forgotten`; client-level ascent
-    runs its epochs, or, given ``target-losses``, until the data :func:`fits_like_unseen`.
-    A client already at its goal takes no step and replies with weight 0, so it does not
-    dilute the others' ascent in the average.
+    Class-level ascent goes until the classes are :func:`forgotten`; client-level ascent,
+    given ``unseen-loss-quantiles``, until a sample of the client's real data
+    :func:`fits_like_unseen` (else it runs its epochs). A client already at its goal
+    takes no step and replies with weight 0, so it does not dilute the others' ascent
+    in the average.
     """
     classes = None if bool(config[protocol.FORGET_EVERYTHING]) else list(config[protocol.FORGET_CLASSES])
-    target_losses = list(config.get(protocol.TARGET_LOSSES, []))
-    goal = forgotten if classes is not None else fits_like_unseen(target_losses) if target_losses else None
+    quantiles = list(config.get(protocol.UNSEEN_LOSS_QUANTILES, []))
+    goal, goal_data = forgotten, None
+    if classes is None:
+        goal = fits_like_unseen(quantiles, client.num_classes) if quantiles else None
+        goal_data = client.goal_sample(config)
     data = forget_data(client.stage_source(config), classes)
     model = client.model(arrays)
     stats = gradient_ascent(
         model, data, optimizer=_optimizer(model, config), epochs=int(config[protocol.EPOCHS]),
-        batch_size=int(config[protocol.BATCH_SIZE]), generator=client.generator(config, 4), device=client.device, goal=goal,
+        batch_size=int(config[protocol.BATCH_SIZE]), generator=client.generator(config, 4), device=client.device,
+        goal=goal, goal_data=goal_data,
     )
     return _reply(model, len(data) if stats.steps else 0, stats)
 

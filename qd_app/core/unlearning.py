@@ -22,6 +22,9 @@ from .training import TrainStats, logits, train_epochs
 FORGET_PROBABILITY = 0.001
 LOSS_CAP = -math.log(FORGET_PROBABILITY)  # a sample's loss counts up to this: the loss of a forgotten one
 GOAL_BATCH = 1024
+GOAL_SAMPLES = 1024  # real samples a client-level ascent's goal is judged on
+UNSEEN_QUANTILES = 21  # loss quantiles per class that describe unseen data (every 5 %)
+RANK_MARGIN = 2.0  # standard errors below 0.5 at which a client's data fits better than unseen data
 
 AscentGoal = Callable[[torch.nn.Module, LabeledImages, torch.device], bool]
 
@@ -31,10 +34,15 @@ def capped_losses(outputs: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     return torch.nn.functional.cross_entropy(outputs, labels, reduction="none").clamp(max=LOSS_CAP)
 
 
-def class_losses(outputs: torch.Tensor, labels: torch.Tensor, num_classes: int) -> list[float]:
-    """Mean :func:`capped_losses` of each class's samples (NaN for a class with none)."""
-    sums = torch.bincount(labels, weights=capped_losses(outputs, labels).double(), minlength=num_classes)
-    return (sums / torch.bincount(labels, minlength=num_classes).double()).tolist()
+def class_loss_quantiles(outputs: torch.Tensor, labels: torch.Tensor, num_classes: int,
+                         count: int = UNSEEN_QUANTILES) -> list[float]:
+    """``count`` evenly spaced quantiles (0 to 100 %) of each class's :func:`capped_losses`,
+    class after class in one flat list (NaN for a class with no samples)."""
+    losses = capped_losses(outputs, labels).double()
+    levels = torch.linspace(0, 1, count, dtype=torch.float64)
+    table = [torch.quantile(losses[labels == c], levels) if bool((labels == c).any())
+             else torch.full((count,), math.nan, dtype=torch.float64) for c in range(num_classes)]
+    return torch.stack(table).flatten().tolist()
 
 
 def _outputs(model: torch.nn.Module, data: LabeledImages, device: torch.device) -> torch.Tensor:
@@ -50,19 +58,25 @@ def forgotten(model: torch.nn.Module, data: LabeledImages, device: torch.device 
     return float(probabilities[torch.arange(len(data)), data.labels].mean()) < FORGET_PROBABILITY
 
 
-def fits_like_unseen(target_losses: Sequence[float]) -> AscentGoal:
-    """The goal of client-level ascent on a client's real data: its mean capped loss
-    reaches that of data the model never trained on, ``target_losses[c]`` being the
-    model's mean capped loss on the test images of class c (each sample weighted by
-    its class). Other clients may hold the same classes, so the data is not to be
-    forgotten outright (Retrain-Or still classifies most of it), only to stop fitting
-    better than unseen data on average (per-sample confidences can still differ, which
-    a membership attack sees: docs/benchmark.md, client-level unlearning)."""
-    targets = torch.tensor(list(target_losses), dtype=torch.float64)
+def fits_like_unseen(unseen_quantiles: Sequence[float], num_classes: int) -> AscentGoal:
+    """The goal of client-level ascent: the client's real samples fit no better than data
+    the model never trained on. ``unseen_quantiles`` are :func:`class_loss_quantiles` of
+    the model on unseen (test) data. Each sample is ranked within its class: the fraction
+    of those quantiles below its loss, 0.5 on average for a sample drawn like the unseen
+    data. The goal holds once the mean rank is no longer significantly below 0.5 (by
+    RANK_MARGIN standard errors of a mean of n uniform ranks): a loss-threshold
+    membership attack then cannot tell the client's data from unseen data. Samples of a
+    class with no unseen data do not count."""
+    table = torch.tensor(list(unseen_quantiles), dtype=torch.float64).view(num_classes, -1)
 
     def reached(model: torch.nn.Module, data: LabeledImages, device: torch.device) -> bool:
-        losses = capped_losses(_outputs(model, data, device), data.labels)
-        return float(losses.double().mean()) >= float(targets[data.labels].mean())
+        losses = capped_losses(_outputs(model, data, device), data.labels).double()
+        rows = table[data.labels]
+        known = ~rows.isnan().any(dim=1)
+        if not bool(known.any()):
+            return True
+        ranks = (rows[known] < losses[known, None]).double().mean(dim=1)
+        return float(ranks.mean()) >= 0.5 - RANK_MARGIN / math.sqrt(12 * len(ranks))
 
     return reached
 
@@ -77,6 +91,7 @@ def gradient_ascent(  # pylint: disable=too-many-arguments
     generator: torch.Generator,
     device: torch.device = torch.device("cpu"),
     goal: AscentGoal | None = forgotten,
+    goal_data: LabeledImages | None = None,
 ) -> TrainStats:
     """SGA: maximise the cross-entropy on ``data`` (each step moves up the gradient).
 
@@ -86,11 +101,13 @@ def gradient_ascent(  # pylint: disable=too-many-arguments
     samples that resist (or a class the ascent pushes the others into) cannot drive the
     weights off without limit. And the ascent stops as soon as ``goal`` holds (checked
     before the first step, so data already there takes none), ``epochs`` being the upper
-    bound; ``None`` runs the ``epochs`` in full.
+    bound; ``None`` runs the ``epochs`` in full. The goal is judged on ``goal_data``
+    (default: ``data`` itself), e.g. real samples while the ascent runs on synthetic ones.
     """
+    judged = data if goal_data is None else goal_data
 
     def reached() -> bool:
-        return goal is not None and goal(model, data, device)
+        return goal is not None and goal(model, judged, device)
 
     if reached():
         return TrainStats()

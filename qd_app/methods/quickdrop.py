@@ -9,6 +9,7 @@ synthetic data with the relearned classes back in.
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Any, ClassVar
 
 from flwr.app import ArrayRecord
@@ -78,12 +79,11 @@ class UnlearnStrategy(StageStrategy):
         holding them). ``None``: client-level, the participant forgets its whole set.
     data : str
         ``synthetic`` (QuickDrop: the client's store) or ``original`` (SGA-Or: its data).
-    target_losses : list[float], optional
-        Client-level only: the mean (capped) loss on the test images of each class of
-        the model being unlearned. A participant then ascends only until its data fits
-        no better than that (:func:`~qd_app.core.unlearning.fits_like_unseen`) instead
-        of running its epochs in full. Meaningful for real data only (SGA-Or): distilled
-        images are not samples of the test distribution.
+    unseen_loss_quantiles : list[float], optional
+        Client-level only: quantiles of the model's capped loss on the test images of
+        each class (:func:`~qd_app.core.unlearning.class_loss_quantiles`). The client then
+        ascends only until its real data fits no better than that
+        (:func:`~qd_app.core.unlearning.fits_like_unseen`), its epochs being the bound.
     **kwargs
         As for :class:`~qd_app.server.strategies.StageStrategy` (``participants`` is required).
     """
@@ -92,11 +92,12 @@ class UnlearnStrategy(StageStrategy):
     message_type = protocol.message_type(protocol.TRAIN, protocol.UNLEARN)
 
     def __init__(self, federation: Federation, *, forget_classes: list[int] | None = None,
-                 data: str = protocol.SYNTHETIC, target_losses: list[float] | None = None, **kwargs) -> None:
+                 data: str = protocol.SYNTHETIC, unseen_loss_quantiles: list[float] | None = None,
+                 **kwargs) -> None:
         super().__init__(federation, **kwargs)
         self.stage_config.update(
             {protocol.FORGET_CLASSES: list(forget_classes or []), protocol.FORGET_EVERYTHING: forget_classes is None,
-             protocol.DATA: data, protocol.TARGET_LOSSES: list(target_losses or [])}
+             protocol.DATA: data, protocol.UNSEEN_LOSS_QUANTILES: list(unseen_loss_quantiles or [])}
         )
 
 
@@ -104,41 +105,38 @@ class GradientAscent(UnlearningMethod):
     """Gradient ascent on the forget data, then recovery (QuickDrop and SGA-Or).
 
     A class request ascends on every holder of the class for up to ``unlearn-rounds``
-    rounds (each client stops once its forget data is forgotten); a client request
-    ascends one round of ``unlearn-client-epochs`` on that client, or until its data
-    fits like unseen data where :meth:`target_losses` gives that fit.
+    rounds (each client stops once its forget data is forgotten). A client request
+    ascends one round on that client, for at most ``unlearn-client-epochs``, until the
+    client's real data fits no better than the test images of its classes; the server
+    sends their loss quantiles. Recovery repairs what the ascent changed, so it is
+    skipped when no client took a step.
     """
 
     unlearn_strategy: ClassVar[type[StageStrategy]] = UnlearnStrategy
 
     def unlearn(self, ctx: MethodContext, request: UnlearningRequest, before: Forgotten, after: Forgotten,
                 arrays: ArrayRecord) -> list[StagePlan]:
-        """Gradient ascent on the forget data, then recovery."""
+        """Gradient ascent on the forget data, then recovery if the ascent changed the model."""
         class_level = request.kind == "class"
         epochs = None if class_level else ctx.config.unlearn_client_epochs
-        target_losses = self.target_losses(ctx, request, arrays)
-        ascent = StagePlan(
-            lambda: self.unlearn_strategy(
+        quantiles = None if class_level else ctx.evaluator.loss_quantiles(arrays)
+        built: list[StageStrategy] = []
+
+        def ascent_stage() -> StageStrategy:
+            built.append(self.unlearn_strategy(
                 ctx.federation, participants=ctx.unlearn_participants(request, before),
                 forget_classes=list(request.targets) if class_level else None, data=self.data,
-                target_losses=target_losses, **ctx.stage_settings("unlearn", epochs)),
-            ctx.config.unlearn_rounds if class_level else 1,
-        )
-        return [ascent, self.recovery(ctx, after)]
+                unseen_loss_quantiles=quantiles, **ctx.stage_settings("unlearn", epochs)))
+            return built[-1]
 
-    def target_losses(self, ctx: MethodContext, request: UnlearningRequest,  # pylint: disable=unused-argument
-                      arrays: ArrayRecord) -> list[float] | None:
-        """Where a client request's ascent stops: the per-class loss of unseen data
-        (``None``: after its epochs)."""
-        return None
+        ascent = StagePlan(ascent_stage, ctx.config.unlearn_rounds if class_level else 1)
+        recovery = self.recovery(ctx, after)
+        return [ascent, replace(recovery, needed=lambda: any(stage.changed_model for stage in built))]
 
 
 class QuickDrop(GradientAscent):
-    """QuickDrop: distillation during training; ascent and recovery on the clients' stores.
-
-    Distilled images are no samples of the test data, so a client request runs its
-    epochs rather than aiming at the test images' loss.
-    """
+    """QuickDrop: distillation during training; ascent and recovery on the clients' stores
+    (a client request's goal is judged on the client's real data)."""
 
     name = "quickdrop"
     title = "QuickDrop"

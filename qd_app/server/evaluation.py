@@ -24,7 +24,7 @@ from ..config import RunConfig
 from ..core.data import dataset_spec, evaluation_split
 from ..core.models import ModelSpec, build_model
 from ..core.training import logits, per_class_accuracy
-from ..core.unlearning import class_losses
+from ..core.unlearning import class_loss_quantiles
 from ..errors import StageFailedError
 from .federation import Federation
 
@@ -129,10 +129,10 @@ class ServerEvaluator:
         accuracy = float((predictions == self.data.labels).float().mean())
         return accuracy, tuple(per_class_accuracy(predictions, self.data.labels, self.num_classes))
 
-    def class_losses(self, arrays: ArrayRecord) -> list[float]:
-        """A model's mean capped loss on the test images of each class: its loss on data it
-        never trained on (the goal of SGA-Or's client-level ascent)."""
-        return class_losses(self._outputs(arrays), self.data.labels, self.num_classes)
+    def loss_quantiles(self, arrays: ArrayRecord) -> list[float]:
+        """Quantiles of a model's capped loss on the test images of each class: how it fits
+        data it never trained on (the goal of client-level ascent)."""
+        return class_loss_quantiles(self._outputs(arrays), self.data.labels, self.num_classes)
 
     def _outputs(self, arrays: ArrayRecord) -> torch.Tensor:
         if self._last is None or self._last[0] is not arrays:

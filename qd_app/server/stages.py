@@ -70,12 +70,14 @@ class Stage(Protocol):
 @dataclass(frozen=True)
 class StagePlan:
     """A stage of a recipe: how to build it (when its turn comes, so it can use what the
-    stages before it left), its rounds (0: skipped), and the model it starts from
-    (``None``: the current global model)."""
+    stages before it left), its rounds (0: skipped), the model it starts from (``None``:
+    the current global model), and whether it is needed once the stages before it ran
+    (``None``: always; e.g. no recovery after an ascent that took no step)."""
 
     build: Callable[[], Stage]
     rounds: int
     start: Callable[[ArrayRecord], ArrayRecord] | None = None
+    needed: Callable[[], bool] | None = None
 
 
 class ServerStage:

@@ -106,6 +106,7 @@ class StageStrategy(FedAvg):
         self.last_metrics: dict[int, MetricRecord] = {}
         self.left_out: dict[str, str] = {}  # partition (as a JSON key) -> why it was left out of a round
         self.ended = False
+        self.changed_model = False  # whether any round moved the global model
         self._sent: ArrayRecord | None = None
         self._round_started = 0.0
         self._round = 0
@@ -158,6 +159,7 @@ class StageStrategy(FedAvg):
             self.finish_round()
             return None, None
         aggregated = super().aggregate_train(server_round, with_data)
+        self.changed_model = True
         self.finish_round()
         return aggregated
 
