@@ -48,6 +48,13 @@ def served(tmp_path: Path) -> list[tuple[str, list[int]]]:
     return [(r.action, list(r.targets)) for r in Ledger(tmp_path / "tiny").requests() if r.state == "served"]
 
 
+def is_initial_model(config: dict, tmp_path: Path) -> bool:
+    """Whether the experiment's current model is the one training started from (``seed=0``)."""
+    initial = build_model(ModelSpec.from_config(RunConfig.from_run_config(config)), seed=0).state_dict()
+    final = torch.load(tmp_path / "tiny" / "model.pt", weights_only=True)["state-dict"]
+    return all(torch.equal(final[key], initial[key]) for key in initial)
+
+
 def warnings_logged(monkeypatch, module) -> list[str]:
     """The warnings ``module`` logs from now on (Flower's logger does not propagate to caplog)."""
     warnings: list[str] = []
@@ -247,9 +254,7 @@ def test_a_request_for_every_class_at_once_is_answered_by_the_initial_model(tiny
     assert warnings == []
     assert not any(m.metadata.message_type.startswith("train.") for m in grid.sent)  # no stage reached a client
     assert results(tmp_path)["requests"][-1]["exact"] == experiment.NOTHING_LEFT
-    initial = build_model(ModelSpec.from_config(RunConfig.from_run_config(base)), seed=0).state_dict()
-    final = torch.load(tmp_path / "tiny" / "model.pt", weights_only=True)["state-dict"]
-    assert all(torch.equal(final[key], initial[key]) for key in initial)
+    assert is_initial_model(base, tmp_path)
     assert served(tmp_path)[-1] == ("unlearn", list(range(10)))
 
 
@@ -265,8 +270,5 @@ def test_forgetting_every_class_ends_at_the_initial_model_without_ascent(tiny_mn
     ascended = {tuple(m.content["config"]["forget-classes"]) for m in grid.sent
                 if m.metadata.message_type == "train.unlearn"}
     assert ascended == {tuple(r["targets"]) for r in earlier}  # no ascent on the last class
-    spec = ModelSpec.from_config(RunConfig.from_run_config(config))
-    initial = build_model(spec, seed=0).state_dict()
-    final = torch.load(tmp_path / "tiny" / "model.pt", weights_only=True)["state-dict"]
-    assert all(torch.equal(final[key], initial[key]) for key in initial)
+    assert is_initial_model(config, tmp_path)
     assert served(tmp_path)[-1] == ("unlearn", [last["targets"][0]])
