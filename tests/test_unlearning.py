@@ -54,7 +54,7 @@ def test_client_level_ascent_runs_its_fixed_epochs(tiny_mnist_dir):
     assert stats.steps == 6
 
 
-def test_class_losses_are_capped_per_class_means():
+def test_class_loss_quantiles_are_taken_of_capped_losses_per_class():
     outputs = torch.tensor([[0.0, 0.0], [2.0, 0.0], [0.0, 100.0], [0.0, 0.0]])
     labels = torch.tensor([0, 0, 0, 1])
     by_hand = [math.log(2), math.log(1 + math.exp(-2)), LOSS_CAP]  # the third (loss 100) counts as LOSS_CAP

@@ -156,7 +156,7 @@ def unlearn(client: ClientRun, arrays: ArrayRecord, config: ConfigRecord) -> tup
     goal, goal_data = forgotten, None
     if classes is None:
         goal = fits_like_unseen(quantiles, client.num_classes) if quantiles else None
-        goal_data = client.goal_sample(config)
+        goal_data = client.goal_sample(config) if quantiles else None
     data = forget_data(client.stage_source(config), classes)
     model = client.model(arrays)
     stats = gradient_ascent(

@@ -258,12 +258,11 @@ class Experiment:  # pylint: disable=too-many-instance-attributes
         for plan in plans:
             if plan.rounds == 0:
                 continue
-            if plan.needed is not None and not plan.needed():
-                name = plan.build().stage_name
-                log(INFO, "Stage %s skipped: the stages before it left nothing for it to do", name)
-                entry.setdefault("skipped", []).append(name)
-                continue
             stage = plan.build()
+            if plan.needed is not None and not plan.needed():
+                log(INFO, "Stage %s skipped: the stages before it left nothing for it to do", stage.stage_name)
+                entry.setdefault("skipped", []).append(stage.stage_name)
+                continue
             start = plan.start(arrays) if plan.start else arrays
             arrays = self.run_stage(stage, start, plan.rounds, request=index, split=split)
             record = self.record.stages[-1]
