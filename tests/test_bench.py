@@ -6,7 +6,7 @@ import pytest
 
 from qd_app.bench.plots import plot
 from qd_app.bench.report import markdown, summarise
-from qd_app.bench.runner import method_row
+from qd_app.bench.runner import method_row, target_requests
 from qd_app.bench.suites import SUITES
 
 
@@ -136,3 +136,47 @@ def test_the_relearn_suite_adds_the_relearning_table_and_bars(tmp_path):
     assert "MIA on forget set" not in table  # the relearned models carry no unlearning metrics
     plot(suite, report, tmp_path / "relearn.png")
     assert (tmp_path / "relearn.png").stat().st_size > 1000
+
+
+def test_client_targets_are_named_by_partition_size_and_class_targets_by_class():
+    from qd_app.config import RunConfig
+    from qd_app.core.data import partition_indices
+
+    suite = SUITES["client-level"]
+    config = RunConfig.from_run_config({**suite.settings, "seed": 0})
+    sizes = [len(part) for part in partition_indices(config, suite.clients)]
+    targets = target_requests(suite, config)
+    assert list(targets) == ["largest client", "median client", "smallest client"]
+    clients = {name: int(request["forget-client"]) for name, (_, request) in targets.items()}
+    assert sizes[clients["largest client"]] == max(sizes) and sizes[clients["smallest client"]] == min(sizes)
+    assert sorted(sizes).index(sizes[clients["median client"]]) == len(sizes) // 2
+    label, request = targets["largest client"]
+    assert label == f"client {clients['largest client']} ({max(sizes)} samples)" and request["forget-class"] == ""
+    classes = target_requests(SUITES["class-level"], config)
+    assert {name: request["forget-class"] for name, (_, request) in classes.items()} == {
+        "class 0": "0", "class 3": "3", "class 9": "9"}
+
+
+def test_per_target_tables_name_each_seeds_target_and_show_the_fit_gap():
+    suite = SUITES["client-level"]
+    per_seed = seeds()
+    for seed, client in zip(per_seed, (7, 3)):
+        seed["target"] = f"client {client} (100 samples)"
+        for method, gap in (("retrain", 0.0), ("quickdrop", 0.02)):
+            seed["methods"][method].update({"fit-gap": gap, "tug-of-war": 1.0, "kl-vs-retrain": 0.0})
+    report = {"command": "c", "machine": "m", "seeds": [0, 1], "settings": suite.settings,
+              "variants": {"non-IID, largest client": {"seeds": per_seed,
+                                                       "summary": summarise(per_seed, ("retrain", "quickdrop"))}}}
+    table = markdown(suite, report)
+    assert "### non-IID, largest client\n\nseed 0: client 7 (100 samples); seed 1: client 3 (100 samples)" in table
+    assert "| F-Set − test on its classes |" in table and table.count("| 2.00 ± 0.00 % |") == 1
+
+
+def test_the_command_line_refuses_a_method_or_variant_the_suite_does_not_have(capsys):
+    from qd_app.bench.__main__ import main
+
+    for argv, message in ((["class-level", "--methods", "retrain,s2u"], "--methods: s2u not in suite class-level"),
+                          (["client-level", "--variant", "CIFAR"], "--variant: none of CIFAR in suite client-level")):
+        with pytest.raises(SystemExit):
+            main(argv)
+        assert message in capsys.readouterr().err

@@ -19,22 +19,37 @@ from . import __doc__ as OVERVIEW
 from .plots import plot
 from .report import markdown, summarise
 from .runner import run_seed
-from .suites import SUITES
+from .suites import SUITES, Suite
 from .superlink import PROJECT, DeploymentLink, SimulationSuperLink
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Run a suite and write its JSON, Markdown table and plot."""
+    """Run suites and write each one's JSON, Markdown tables and plot."""
     parser = argparse.ArgumentParser(prog="python -m qd_app.bench", description=OVERVIEW.split("\n\n")[0])
-    parser.add_argument("suite", choices=sorted(SUITES))
+    parser.add_argument("suites", nargs="+", choices=sorted(SUITES), metavar="suite",
+                        help=f"one or more of {', '.join(sorted(SUITES))}; suites of one invocation with the same "
+                             "training settings share the training of each seed")
     parser.add_argument("--quick", action="store_true", help="one seed")
     parser.add_argument("--seeds", type=int, default=3, help="number of seeds (default 3)")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", type=_setting,
                         help="override a run-config setting of the suite (TOML value), e.g. --set model-width=128")
+    parser.add_argument("--methods", type=lambda text: tuple(text.split(",")), default=None, metavar="M1,M2",
+                        help="run only these of each suite's methods (e.g. retrain,quickdrop)")
+    parser.add_argument("--variant", action="append", default=[], metavar="NAME",
+                        help="run only this variant of a suite that has named variants (e.g. non-IID); repeatable")
     parser.add_argument("--out", type=Path, default=PROJECT / "bench" / "results", help="where results go")
     parser.add_argument("--work", type=Path, default=None, help="scratch folder (default: <out>/../work)")
     args = parser.parse_args(argv)
-    suite = SUITES[args.suite]
+    suites = [_selected(parser, SUITES[name], args) for name in dict.fromkeys(args.suites)]
+    seeds = list(range(1 if args.quick else args.seeds))
+    trainings: dict[str, Any] = {}  # one training per seed and settings, shared by the suites
+    for suite in suites:
+        _run_suite(suite, args, seeds, trainings, argv)
+    return 0
+
+
+def _selected(parser: argparse.ArgumentParser, suite: Suite, args: argparse.Namespace) -> Suite:
+    """The suite with the command line's settings, methods and variants, or a usage error."""
     if args.set:
         overrides = dict(args.set)
         try:  # a bad value stops here, before any run
@@ -42,12 +57,31 @@ def main(argv: list[str] | None = None) -> int:
         except UserFacingError as exc:
             parser.error(str(exc))
         suite = replace(suite, settings={**suite.settings, **overrides})
-    seeds = list(range(1 if args.quick else args.seeds))
+    if args.methods is not None:
+        unknown = [m for m in args.methods if m not in suite.methods]
+        if unknown:
+            parser.error(f"--methods: {', '.join(unknown)} not in suite {suite.name} "
+                         f"(its methods: {', '.join(suite.methods) or 'none'})")
+        suite = replace(suite, methods=args.methods)
+    if args.variant and list(suite.variants) != [""]:  # a suite without named variants runs as it is
+        variants = {name: suite.variants[name] for name in args.variant if name in suite.variants}
+        if not variants:
+            parser.error(f"--variant: none of {', '.join(args.variant)} in suite {suite.name} "
+                         f"(its variants: {', '.join(suite.variants)})")
+        suite = replace(suite, variants=variants)
+    return suite
+
+
+def _run_suite(suite: Suite, args: argparse.Namespace, seeds: list[int], trainings: dict[str, Any],
+               argv: list[str] | None) -> None:
+    """Every variant and seed of one suite; a suite of several targets gets a table per target and
+    one pooled over them."""
     work = (args.work or args.out.parent / "work").resolve() / suite.name
     started = time.perf_counter()
     report: dict[str, Any] = {
         "suite": suite.name, "command": "python -m qd_app.bench " + " ".join(argv or sys.argv[1:]),
-        "machine": _machine(), "seeds": seeds, "settings": suite.settings, "variants": {},
+        "machine": _machine(), "seeds": seeds, "settings": suite.settings, "methods": list(suite.methods),
+        "variants": {},
     }
     for variant, overrides in suite.variants.items():
         print(f"{suite.title} {variant}".strip(), flush=True)
@@ -55,17 +89,24 @@ def main(argv: list[str] | None = None) -> int:
         link = (SimulationSuperLink(work / "flwrhome") if suite.deployment is None
                 else DeploymentLink(folder, suite.clients, **suite.deployment[variant]))
         with link:
-            results = [run_seed(link, suite, overrides, seed, folder / f"seed-{seed}", suite.methods)
-                       for seed in seeds]
-        report["variants"][variant] = {"seeds": results, "summary": summarise(results, suite.methods)}
+            per_seed = [run_seed(link, suite, overrides, seed, folder / f"seed-{seed}", suite.methods, trainings)
+                        for seed in seeds]
+        for target in per_seed[0]:
+            results = [by_target[target] for by_target in per_seed]
+            name = ", ".join(filter(None, (variant, target)))
+            report["variants"][name] = {"seeds": results, "summary": summarise(results, suite.methods)}
+        if len(per_seed[0]) > 1:
+            pooled = [results for by_target in per_seed for results in by_target.values()]
+            report["variants"][", ".join(filter(None, (variant, "pooled over targets")))] = {
+                "seeds": pooled, "summary": summarise(pooled, suite.methods)}
     report["wall-seconds"] = time.perf_counter() - started
     args.out.mkdir(parents=True, exist_ok=True)
-    name = suite.name + ("-quick" if args.quick else "")
+    name = "-".join([suite.name] + (["quick"] if args.quick else []) + (list(args.methods) if args.methods else [])
+                    + [v.replace(" ", "-").replace("'", "") for v in args.variant if v in suite.variants])
     (args.out / f"{name}.json").write_text(json.dumps(report, indent=1, default=str) + "\n")
     (args.out / f"{name}.md").write_text(markdown(suite, report))
     plot(suite, report, args.out / f"{name}.png")
     print(f"wrote {args.out / name}.{{json,md,png}} after {report['wall-seconds'] / 60:.1f} min", flush=True)
-    return 0
 
 
 def _setting(text: str) -> tuple[str, Any]:

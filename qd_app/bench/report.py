@@ -39,7 +39,7 @@ def summarise(seeds: list[dict[str, Any]], methods: tuple[str, ...]) -> dict[str
         }
         if "quickdrop" in methods:
             entry["quickdrop-speedup"] = _speedup(rows, seeds, "seconds")
-        for key in ("mia", "kl-vs-retrain", "tug-of-war"):
+        for key in ("mia", "kl-vs-retrain", "tug-of-war", "fit-gap"):
             if all(key in r for r in rows):
                 entry[key] = _mean_std([r[key] for r in rows])
         if all("relearn" in r for r in rows):
@@ -74,11 +74,15 @@ def markdown(suite: Suite, report: dict[str, Any]) -> str:
     for variant, result in report["variants"].items():
         if variant:
             lines += [f"### {variant}", ""]
+        targets = [seed.get("target") for seed in result["seeds"]]
+        if any(targets) and len(targets) == len(report["seeds"]):  # what the target is in each seed
+            lines += ["; ".join(f"seed {s}: {t}" for s, t in zip(report["seeds"], targets)), ""]
         header = ("| method | F-Set after unlearning | F-Set | R-Set | seconds (unlearn + recover) | "
                   "QuickDrop faster by | sample gradients | MB sent |")
         model_metrics = any("mia" in entry for entry in result["summary"].values())
+        fit_gap = any("fit-gap" in entry for entry in result["summary"].values())
         if model_metrics:
-            header += " MIA on forget set | ToW | KL vs Retrain-Or |"
+            header += " MIA on forget set | ToW | KL vs Retrain-Or |" + (" F-Set − test on its classes |" if fit_gap else "")
         lines += [header, "|" + " --- |" * header.count("|", 1)]
         for method, entry in result["summary"].items():
             line = (f"| {method_title(method)} | {_cell(entry['forget-after-unlearn'], True)} | "
@@ -90,6 +94,8 @@ def markdown(suite: Suite, report: dict[str, Any]) -> str:
                 line += (f" {_cell(entry.get('mia', (math.nan, 0)), True)} | "
                          f"{_cell(entry.get('tug-of-war', (math.nan, 0)), digits=3)} | "
                          f"{_cell(entry.get('kl-vs-retrain', (math.nan, 0)), digits=4)} |")
+                if fit_gap:
+                    line += f" {_cell(entry.get('fit-gap', (math.nan, 0)), True)} |"
             lines.append(line)
         if suite.relearn:
             lines += _relearn_lines(result["summary"])

@@ -10,7 +10,7 @@ from typing import Any
 
 import torch
 
-from ..config import RunConfig
+from ..config import DATASET_CLASSES, RunConfig
 from ..core.data import evaluation_split, load_split, partition_indices
 from ..core.metrics import membership_inference, output_kl, tug_of_war
 from ..core.models import ModelSpec, build_model
@@ -74,18 +74,35 @@ def _load_model(config: RunConfig, model_file: Path) -> torch.nn.Module:
     return model
 
 
-def _model_metrics(config: RunConfig, suite: Suite, model_files: dict[str, Path]) -> dict[str, dict[str, float]]:
-    """MIA on the forget set, and KL / tug-of-war against Retrain-Or, for every method's final model."""
+def target_requests(suite: Suite, config: RunConfig) -> dict[str, tuple[str, dict[str, str]]]:
+    """Every target of the suite as ``{name: (label, request)}``: the name is what the seeds share
+    (``class 3``, ``largest client``), the label what it is in this seed's partition."""
+    if not suite.targets:
+        return {"": ("", suite.request)}
+    if not suite.request.get("forget-client"):
+        return {f"class {c}": (f"class {c}", {**suite.request, "forget-class": c}) for c in suite.targets}
+    sizes = [len(part) for part in partition_indices(config, suite.clients)]
+    by_size = sorted(range(len(sizes)), key=lambda client: (sizes[client], client))
+    position = {"smallest": 0, "median": len(by_size) // 2, "largest": len(by_size) - 1}
+    return {f"{role} client": (f"client {by_size[position[role]]} ({sizes[by_size[position[role]]]} samples)",
+                               {**suite.request, "forget-client": str(by_size[position[role]])})
+            for role in suite.targets}
+
+
+def _model_metrics(config: RunConfig, suite: Suite, request: dict[str, str],
+                   model_files: dict[str, Path]) -> dict[str, dict[str, float]]:
+    """MIA on the forget set, and KL / tug-of-war against Retrain-Or, for every method's final model;
+    for a client, also how much better its data fits than test images of its classes (``fit-gap``)."""
     train = load_split(config.dataset, config.data_path, True)
     test = evaluation_split(config)
-    if "forget-client" in suite.request and suite.request["forget-client"]:
-        client = int(suite.request["forget-client"])
-        forget_index = partition_indices(config, suite.clients)[client]
+    client_request = bool(request.get("forget-client"))
+    if client_request:
+        forget_index = partition_indices(config, suite.clients)[int(request["forget-client"])]
         retain_mask = torch.ones(len(train), dtype=torch.bool)
         retain_mask[torch.as_tensor(forget_index)] = False
         test_forget = torch.zeros(len(test), dtype=torch.bool)
     else:
-        classes = torch.tensor([int(c) for c in suite.request["forget-class"].split("+")])
+        classes = torch.tensor([int(c) for c in request["forget-class"].split("+")])
         retain_mask = ~torch.isin(train.labels, classes)
         forget_index = torch.nonzero(~retain_mask).flatten().numpy()
         test_forget = torch.isin(test.labels, classes)
@@ -106,12 +123,20 @@ def _model_metrics(config: RunConfig, suite: Suite, model_files: dict[str, Path]
             "retain": float((predictions == test.labels)[~test_forget].double().mean()),
             "test": float((predictions == test.labels).double().mean()),
         }
+        if client_request:  # the test accuracy of each class, weighted as the client's data holds them
+            num_classes = DATASET_CLASSES[config.dataset]
+            class_mix = torch.tensor(forget.class_counts(num_classes), dtype=torch.double) / len(forget)
+            per_class = [float((predictions == test.labels)[test.labels == c].double().mean())
+                         for c in range(num_classes)]
+            accuracy["unseen"] = float((class_mix * torch.tensor(per_class, dtype=torch.double)).sum())
         metrics[method] = {
             "mia": membership_inference((outputs["members"], train.labels[members]),
                                         (outputs["test"], test.labels), (outputs["forget"], forget.labels),
                                         seed=config.seed),
             "accuracy": accuracy,
         }
+        if client_request:
+            metrics[method]["fit-gap"] = accuracy["forget"] - accuracy["unseen"]
     if "retrain" in metrics:
         for method, outputs in all_outputs.items():
             metrics[method]["kl-vs-retrain"] = output_kl(outputs["test"], all_outputs["retrain"]["test"])
@@ -120,33 +145,44 @@ def _model_metrics(config: RunConfig, suite: Suite, model_files: dict[str, Path]
 
 
 def run_seed(link: Link, suite: Suite, variant: dict[str, Any], seed: int, work: Path,
-             methods: tuple[str, ...]) -> dict[str, Any]:
-    """Train once, then every method from a copy of the trained experiment."""
-    base = {**suite.settings, **variant, "seed": seed, "experiment": EXPERIMENT, "store-dir": str(work / "stores")}
-    trained = work / "train"
-    training = _run(link, suite, {**base, "phase": "train", "output-dir": str(trained)}, f"seed {seed}: training")
-    rows, model_files = {}, {}
-    for method in methods:
-        output = work / method
-        shutil.rmtree(output, ignore_errors=True)
-        shutil.copytree(trained, output)
-        settings = {**base, **suite.request, "phase": "unlearn", "method": method, "output-dir": str(output)}
-        results = _run(link, suite, settings, f"seed {seed}: {method}")
-        if suite.relearn:
-            results = _run(link, suite, {**settings, "phase": "relearn", "forget-class": "", "forget-client": ""},
-                           f"seed {seed}: {method} relearning")
-        rows[method] = method_row(results, suite.relearn)
-        if suite.sequence:
-            rows[method]["rounds"] = results["rounds"]
-        model_files[method] = output / EXPERIMENT / CHECKPOINT_FILE
+             methods: tuple[str, ...], trainings: dict[str, tuple[Path, dict[str, Any]]]) -> dict[str, dict[str, Any]]:
+    """Train once (or take the training of an earlier suite of this invocation with the same
+    settings), then every method for every target from a copy of the trained experiment."""
+    training_settings = {**suite.settings, **variant, "seed": seed, "experiment": EXPERIMENT}
+    key = json.dumps(training_settings, sort_keys=True)
+    if key not in trainings:
+        trained = work / "train"
+        settings = {**training_settings, "store-dir": str(work / "stores"), "phase": "train", "output-dir": str(trained)}
+        trainings[key] = (work, _run(link, suite, settings, f"seed {seed}: training"))
+    trained_work, training = trainings[key]
+    base = {**training_settings, "store-dir": str(trained_work / "stores")}
     config = RunConfig.from_run_config(base)
-    if not suite.relearn and "retrain" in methods:
-        for method, extra in _model_metrics(config, suite, model_files).items():
-            rows[method].update(extra)
     train = training["stages"][0]
-    return {"seed": seed, "train-seconds": train["seconds"], "train-accuracy": train["accuracy"],
-            "train-round-seconds": train["seconds"] / train["rounds"],
-            "train-compute-seconds": train.get("compute-seconds", 0.0),
-            "train-distill-seconds": train.get("distill-seconds", 0.0), "methods": rows,
-            "federaser-bytes": training.get("stores", {}).get("federaser-bytes", 0),
-            "store-bytes": training.get("stores", {}).get("bytes", [])}
+    shared = {"seed": seed, "train-seconds": train["seconds"], "train-accuracy": train["accuracy"],
+              "train-round-seconds": train["seconds"] / train["rounds"],
+              "train-compute-seconds": train.get("compute-seconds", 0.0),
+              "train-distill-seconds": train.get("distill-seconds", 0.0),
+              "federaser-bytes": training.get("stores", {}).get("federaser-bytes", 0),
+              "store-bytes": training.get("stores", {}).get("bytes", [])}
+    results_by_target = {}
+    for target, (label, request) in target_requests(suite, config).items():
+        rows, model_files = {}, {}
+        for method in methods:
+            output = work / "-".join(filter(None, (target.replace(" ", "-"), method)))
+            shutil.rmtree(output, ignore_errors=True)
+            shutil.copytree(trained_work / "train", output)
+            settings = {**base, **request, "phase": "unlearn", "method": method, "output-dir": str(output)}
+            title = f"seed {seed}: {' '.join(filter(None, (label, method)))}"
+            results = _run(link, suite, settings, title)
+            if suite.relearn:
+                results = _run(link, suite, {**settings, "phase": "relearn", "forget-class": "", "forget-client": ""},
+                               f"{title} relearning")
+            rows[method] = method_row(results, suite.relearn)
+            if suite.sequence:
+                rows[method]["rounds"] = results["rounds"]
+            model_files[method] = output / EXPERIMENT / CHECKPOINT_FILE
+        if not suite.relearn and "retrain" in methods:
+            for method, extra in _model_metrics(config, suite, request, model_files).items():
+                rows[method].update(extra)
+        results_by_target[target] = {**shared, "target": label, "methods": rows}
+    return results_by_target

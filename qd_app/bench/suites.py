@@ -25,6 +25,9 @@ class Suite:
     by_variant: bool = False  # one table row per variant (a sweep) instead of per method
     sequence: bool = False  # a sequence of requests: plot every class's accuracy over the rounds
     clients: int = NUM_CLIENTS
+    # several requests from one training: classes for a class request, or clients named by their
+    # partition's size ("largest", "median", "smallest") for a client request
+    targets: tuple[str, ...] = ()
     # "simulation", or a real federation on this machine (`qd-app federation up`) with these
     # options per variant: `plain` runs Flower's own SuperNode and Grid, for comparison
     deployment: dict[str, dict[str, Any]] | None = None
@@ -38,11 +41,13 @@ COMMON = {"dataset": "mnist", "alpha": 0.1, "federaser-interval": 2, "unlearn-ro
 SUITES = {
     suite.name: suite
     for suite in (
-        Suite("class-level", "Class-level unlearning of class 9 (cf. QuickDrop Table 2)", COMMON,
-              ("retrain", "sga", "federaser", "fu-mp", "quickdrop"), {"forget-class": "9"}),
-        Suite("client-level", "Client-level unlearning of client 4 (cf. Table 4)", COMMON,
+        Suite("class-level", "Class-level unlearning of classes 0, 3 and 9 (cf. QuickDrop Table 2)", COMMON,
+              ("retrain", "sga", "federaser", "fu-mp", "quickdrop"), {"forget-class": "9"},
+              targets=("0", "3", "9")),
+        Suite("client-level", "Client-level unlearning of the largest, a median and the smallest client "
+              "(cf. Table 4)", COMMON,
               ("retrain", "sga", "federaser", "s2u", "quickdrop"), {"forget-class": "", "forget-client": "4"},
-              variants={"non-IID": {}, "IID": {"partitioning": "iid"}}),
+              variants={"non-IID": {}, "IID": {"partitioning": "iid"}}, targets=("largest", "median", "smallest")),
         Suite("relearn", "Unlearning class 9, recovery, then relearning (cf. Table 5)", COMMON,
               ("retrain", "sga", "federaser", "quickdrop"), {"forget-class": "9"}, relearn=True),
         Suite("sequential", "Every class unlearned one after another (cf. Figure 4)",
