@@ -111,6 +111,17 @@ class RunConfig:  # pylint: disable=too-many-instance-attributes
     prune_fraction: float = 0.1
     prune_target: str = "features"
     s2u_scale: float = 0.1
+    ispf_epochs: int = 20
+    ispf_cycles: int = 5
+    ispf_generator_steps: int = 1
+    ispf_student_steps: int = 10
+    ispf_batch: int = 128
+    ispf_generator_width: int = 32
+    ispf_generator_lr: float = 1e-3
+    ispf_student_lr: float = 0.05
+    ispf_tau: float = 0.01
+    ispf_temperature: float = 1.0
+    ispf_recover_rounds: int = 0
 
     def __post_init__(self) -> None:
         for field in fields(self):
@@ -146,24 +157,26 @@ class RunConfig:  # pylint: disable=too-many-instance-attributes
         positive = (
             "num-server-rounds", "local-epochs", "batch-size", "model-depth", "model-width", "eval-batch-size",
             "scale", "distill-batch", "unlearn-rounds", "unlearn-epochs", "unlearn-client-epochs", "recover-epochs",
-            "relearn-epochs",
+            "relearn-epochs", "ispf-epochs", "ispf-cycles", "ispf-generator-steps", "ispf-student-steps", "ispf-batch",
+            "ispf-generator-width",
         )
         for key in positive:
             if getattr(self, _field_name(key)) < 1:
                 raise invalid(key, getattr(self, _field_name(key)), "must be >= 1")
         non_negative = (
             "local-steps", "seed", "momentum", "weight-decay", "distill-momentum", "finetune-steps",
-            "recover-rounds", "relearn-rounds", "federaser-interval",
+            "recover-rounds", "relearn-rounds", "federaser-interval", "ispf-recover-rounds",
         )
         for key in non_negative:
             if getattr(self, _field_name(key)) < 0:
                 raise invalid(key, getattr(self, _field_name(key)), "must be >= 0")
-        for key in ("lr", "distill-lr", "unlearn-lr", "recover-lr", "relearn-lr"):
+        for key in ("lr", "distill-lr", "unlearn-lr", "recover-lr", "relearn-lr", "ispf-generator-lr", "ispf-student-lr",
+                    "ispf-temperature"):
             if not getattr(self, _field_name(key)) > 0:
                 raise invalid(key, getattr(self, _field_name(key)), "must be > 0")
         if not self.node_wait_seconds >= 0:
             raise invalid("node-wait-seconds", self.node_wait_seconds, "must be >= 0")
-        for key in ("federaser-ratio", "prune-fraction", "s2u-scale"):
+        for key in ("federaser-ratio", "prune-fraction", "s2u-scale", "ispf-tau"):
             if not 0.0 < getattr(self, _field_name(key)) <= 1.0:
                 raise invalid(key, getattr(self, _field_name(key)), "must be in (0, 1]")
         if not _DEVICE_PATTERN.match(self.device):

@@ -10,6 +10,10 @@ from ..methods import resolve_method
 from .suites import Suite, config_text
 
 
+# reported where measured: key, column title, shown as a percentage, digits
+OPTIONAL_COLUMNS = (("fit-gap", "F-Set − test on its classes", True, 2), ("anamnesis", "AIN", False, 2))
+
+
 def _mean_std(values: list[float]) -> tuple[float, float]:
     values = [v for v in values if v is not None and not (isinstance(v, float) and math.isnan(v))]
     if not values:
@@ -39,7 +43,7 @@ def summarise(seeds: list[dict[str, Any]], methods: tuple[str, ...]) -> dict[str
         }
         if "quickdrop" in methods:
             entry["quickdrop-speedup"] = _speedup(rows, seeds, "seconds")
-        for key in ("mia", "kl-vs-retrain", "tug-of-war", "fit-gap"):
+        for key in ("mia", "kl-vs-retrain", "tug-of-war", *(key for key, *_ in OPTIONAL_COLUMNS)):
             if all(key in r for r in rows):
                 entry[key] = _mean_std([r[key] for r in rows])
         if all("relearn" in r for r in rows):
@@ -74,15 +78,13 @@ def markdown(suite: Suite, report: dict[str, Any]) -> str:
     for variant, result in report["variants"].items():
         if variant:
             lines += [f"### {variant}", ""]
-        targets = [seed.get("target") for seed in result["seeds"]]
-        if any(targets) and len(targets) == len(report["seeds"]):  # what the target is in each seed
-            lines += ["; ".join(f"seed {s}: {t}" for s, t in zip(report["seeds"], targets)), ""]
+        lines += _target_lines(variant, [seed.get("target") for seed in result["seeds"]], report["seeds"])
         header = ("| method | F-Set after unlearning | F-Set | R-Set | seconds (unlearn + recover) | "
                   "QuickDrop faster by | sample gradients | MB sent |")
         model_metrics = any("mia" in entry for entry in result["summary"].values())
-        fit_gap = any("fit-gap" in entry for entry in result["summary"].values())
+        optional = [column for column in OPTIONAL_COLUMNS if any(column[0] in e for e in result["summary"].values())]
         if model_metrics:
-            header += " MIA on forget set | ToW | KL vs Retrain-Or |" + (" F-Set − test on its classes |" if fit_gap else "")
+            header += " MIA on forget set | ToW | KL vs Retrain-Or |" + "".join(f" {title} |" for _, title, *_ in optional)
         lines += [header, "|" + " --- |" * header.count("|", 1)]
         for method, entry in result["summary"].items():
             line = (f"| {method_title(method)} | {_cell(entry['forget-after-unlearn'], True)} | "
@@ -94,8 +96,8 @@ def markdown(suite: Suite, report: dict[str, Any]) -> str:
                 line += (f" {_cell(entry.get('mia', (math.nan, 0)), True)} | "
                          f"{_cell(entry.get('tug-of-war', (math.nan, 0)), digits=3)} | "
                          f"{_cell(entry.get('kl-vs-retrain', (math.nan, 0)), digits=4)} |")
-                if fit_gap:
-                    line += f" {_cell(entry.get('fit-gap', (math.nan, 0)), True)} |"
+                line += "".join(f" {_cell(entry.get(key, (math.nan, 0)), percent, digits)} |"
+                                for key, _, percent, digits in optional)
             lines.append(line)
         if suite.relearn:
             lines += _relearn_lines(result["summary"])
@@ -108,6 +110,15 @@ def markdown(suite: Suite, report: dict[str, Any]) -> str:
                       f"on the server; QuickDrop stores: "
                       f"{_cell(_mean_std([sum(s['store-bytes']) / 1e6 for s in result['seeds']]))} MB over all clients.", ""]
     return "\n".join(lines) + "\n"
+
+
+def _target_lines(variant: str, targets: list[str | None], seeds: list[int]) -> list[str]:
+    """What a target (e.g. ``largest client``) is in each seed, where its name does not say it."""
+    if not any(targets) or len(targets) != len(seeds):  # no targets, or pooled over them
+        return []
+    if len(set(targets)) == 1:
+        return [] if targets[0] in variant else [f"{targets[0]} in every seed", ""]
+    return ["; ".join(f"seed {seed}: {target}" for seed, target in zip(seeds, targets)), ""]
 
 
 def variant_summary(suite: Suite, result: dict[str, Any]) -> dict[str, tuple[float, float]]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 import shutil
 import time
@@ -11,12 +12,12 @@ from typing import Any
 import torch
 
 from ..config import DATASET_CLASSES, RunConfig
-from ..core.data import evaluation_split, load_split, partition_indices
-from ..core.metrics import membership_inference, output_kl, tug_of_war
+from ..core.data import LabeledImages, evaluation_split, load_split, partition_indices
+from ..core.metrics import anamnesis_index, membership_inference, output_kl, relearn_steps, tug_of_war
 from ..core.models import ModelSpec, build_model
 from ..core.training import logits
 from ..server.results import CHECKPOINT_FILE
-from .suites import EXPERIMENT, MIA_MEMBERS, Suite, config_text
+from .suites import ANAMNESIS_SHARE, EXPERIMENT, MIA_MEMBERS, Suite, config_text
 from .superlink import Link
 
 
@@ -89,10 +90,26 @@ def target_requests(suite: Suite, config: RunConfig) -> dict[str, tuple[str, dic
             for role in suite.targets}
 
 
-def _model_metrics(config: RunConfig, suite: Suite, request: dict[str, str],
-                   model_files: dict[str, Path]) -> dict[str, dict[str, float]]:
+def _anamnesis(config: RunConfig, trained_file: Path, models: dict[str, torch.nn.Module],
+               forget: LabeledImages, test_forget: LabeledImages) -> dict[str, float]:
+    """Anamnesis Index of every model: its relearning steps on the forget data until the forgotten
+    test accuracy is back at 95 % of the trained model's, over Retrain-Or's steps."""
+
+    def accuracy(model: torch.nn.Module) -> float:
+        return float((logits(model, test_forget.images, config.eval_batch_size).argmax(1) == test_forget.labels)
+                     .double().mean())
+
+    goal = ANAMNESIS_SHARE * accuracy(_load_model(config, trained_file))
+    steps = {method: relearn_steps(copy.deepcopy(model), forget.images, forget.labels, goal, accuracy, config.seed)
+             for method, model in models.items()}
+    return {method: anamnesis_index(count, steps["retrain"]) for method, count in steps.items()}
+
+
+def _model_metrics(config: RunConfig, suite: Suite, request: dict[str, str], model_files: dict[str, Path],
+                   trained_file: Path) -> dict[str, dict[str, float]]:
     """MIA on the forget set, and KL / tug-of-war against Retrain-Or, for every method's final model;
-    for a client, also how much better its data fits than test images of its classes (``fit-gap``)."""
+    for a client, also how much better its data fits than test images of its classes (``fit-gap``);
+    with ``suite.anamnesis``, the Anamnesis Index of a class request."""
     train = load_split(config.dataset, config.data_path, True)
     test = evaluation_split(config)
     client_request = bool(request.get("forget-client"))
@@ -110,9 +127,9 @@ def _model_metrics(config: RunConfig, suite: Suite, request: dict[str, str],
     members = torch.nonzero(retain_mask).flatten()
     members = members[torch.randperm(len(members), generator=generator)[:MIA_MEMBERS]]
     forget = train.subset(forget_index)
-    all_outputs = {}
+    all_outputs, models = {}, {}
     for method, path in model_files.items():
-        model = _load_model(config, path)
+        model = models[method] = _load_model(config, path)
         all_outputs[method] = {name: logits(model, images, config.eval_batch_size) for name, images in
                                (("members", train.images[members]), ("test", test.images), ("forget", forget.images))}
     metrics = {}
@@ -137,6 +154,10 @@ def _model_metrics(config: RunConfig, suite: Suite, request: dict[str, str],
         }
         if client_request:
             metrics[method]["fit-gap"] = accuracy["forget"] - accuracy["unseen"]
+    if suite.anamnesis and not client_request:
+        indices = _anamnesis(config, trained_file, models, forget, test.subset(torch.nonzero(test_forget).flatten()))
+        for method, index in indices.items():
+            metrics[method]["anamnesis"] = index
     if "retrain" in metrics:
         for method, outputs in all_outputs.items():
             metrics[method]["kl-vs-retrain"] = output_kl(outputs["test"], all_outputs["retrain"]["test"])
@@ -182,7 +203,8 @@ def run_seed(link: Link, suite: Suite, variant: dict[str, Any], seed: int, work:
                 rows[method]["rounds"] = results["rounds"]
             model_files[method] = output / EXPERIMENT / CHECKPOINT_FILE
         if not suite.relearn and "retrain" in methods:
-            for method, extra in _model_metrics(config, suite, request, model_files).items():
+            trained_file = trained_work / "train" / EXPERIMENT / CHECKPOINT_FILE
+            for method, extra in _model_metrics(config, suite, request, model_files, trained_file).items():
                 rows[method].update(extra)
         results_by_target[target] = {**shared, "target": label, "methods": rows}
     return results_by_target

@@ -9,6 +9,7 @@ from typing import Any
 NUM_CLIENTS = 10
 EXPERIMENT = "bench"
 MIA_MEMBERS = 5000
+ANAMNESIS_SHARE = 0.95  # relearning goal: this share of the trained model's forgotten-class accuracy
 
 
 @dataclass(frozen=True)
@@ -28,6 +29,7 @@ class Suite:
     # several requests from one training: classes for a class request, or clients named by their
     # partition's size ("largest", "median", "smallest") for a client request
     targets: tuple[str, ...] = ()
+    anamnesis: bool = False  # also the Anamnesis Index (relearning steps against Retrain-Or's)
     # "simulation", or a real federation on this machine (`qd-app federation up`) with these
     # options per variant: `plain` runs Flower's own SuperNode and Grid, for comparison
     deployment: dict[str, dict[str, Any]] | None = None
@@ -38,6 +40,7 @@ SCALES = (1, 10, 50, 100, 200, 1000)
 # method alike; recover-lr 0.03 because 0.01 left one seed's R-Set 5.6 points low.
 COMMON = {"dataset": "mnist", "alpha": 0.1, "federaser-interval": 2, "unlearn-rounds": 1, "recover-epochs": 1,
           "recover-lr": 0.03}
+DATA_FREE_ROUNDS = 3  # trainings of four variants per seed kept CPU-affordable
 SUITES = {
     suite.name: suite
     for suite in (
@@ -59,6 +62,12 @@ SUITES = {
               variants={f"s={scale}": {"scale": scale} for scale in SCALES}, by_variant=True),
         Suite("overhead", "Distillation overhead of QuickDrop training (cf. Table 6)", COMMON, (), {},
               variants={"MNIST": {}}, by_variant=True),
+        Suite("data-free", "Data-free unlearning of class 9 by the server alone (cf. ISPF Table 1)",
+              {**COMMON, "num-server-rounds": DATA_FREE_ROUNDS},
+              ("retrain", "ispf", "ispf-is", "ispf-pf", "gkt", "blockf", "quickdrop"), {"forget-class": "9"},
+              variants={f"{name}, {norm} norm": {"dataset": dataset, "model-norm": norm}
+                        for name, dataset in (("MNIST", "mnist"), ("Fashion-MNIST", "fashion-mnist"))
+                        for norm in ("batch", "instance")}, anamnesis=True),
         Suite("deployment", "Class-level unlearning of class 9 on a real federation: 3 SuperNodes on loopback",
               COMMON, ("retrain", "quickdrop"), {"forget-class": "9"}, clients=3,
               variants={"qd-app": {}, "Flower's defaults": {}},

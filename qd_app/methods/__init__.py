@@ -20,6 +20,11 @@ REGISTRY: dict[str, str] = {
     "federaser": "qd_app.methods.federaser:FedEraser",
     "fu-mp": "qd_app.methods.fu_mp:FUMP",
     "s2u": "qd_app.methods.s2u:S2U",
+    "ispf": "qd_app.methods.ispf:ISPF",
+    "ispf-is": "qd_app.methods.ispf:ISPFInhibitedSynthesis",
+    "ispf-pf": "qd_app.methods.ispf:ISPFPostFilter",
+    "gkt": "qd_app.methods.ispf:GKT",
+    "blockf": "qd_app.methods.ispf:BlockF",
 }
 
 __all__ = ["REGISTRY", "MethodContext", "UnlearningMethod", "resolve_method"]

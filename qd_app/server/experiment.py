@@ -107,7 +107,7 @@ class Experiment:  # pylint: disable=too-many-instance-attributes
         for action, request, state in planner.walk(plan, self.forgotten):
             self._check(action, request, state)
             if not self.federation.missing:  # else serving it records a failed attempt
-                participants |= set(planner.stage_participants(self.federation, action, request, state))
+                participants |= set(self.method.participants(self.context, action, request, state))
         if config.phase != "all" and self.method.data == protocol.SYNTHETIC:
             planner.check_stores(self.federation, participants)
         return [(action, request, None) for action, request in plan]
@@ -224,12 +224,12 @@ class Experiment:  # pylint: disable=too-many-instance-attributes
                                        "model-before": model_digest(arrays.to_torch_state_dict())})
         try:
             missing = [p for p in self.federation.missing if p not in before.clients]
-            if missing:
+            if missing and self.method.needs_clients(self.context, action):
                 raise FederationError(f"partitions {missing} are not connected (the server waited "
                                       f"node-wait-seconds={self.config.node_wait_seconds:g})")
             if self.config.phase == "serve" and self.method.data == protocol.SYNTHETIC:
                 planner.check_stores(self.federation,
-                                     set(planner.stage_participants(self.federation, action, request, before)))
+                                     set(self.method.participants(self.context, action, request, before)))
             return self._serve(action, request, request_id, arrays)
         except (RequestError, StageFailedError, FederationError) as exc:
             self.ledger.fail(request_id, str(exc))

@@ -101,6 +101,20 @@ class UnlearningMethod:
         """Raise :class:`~qd_app.errors.RequestError` with the reason if this method cannot
         serve ``action`` (``unlearn`` or ``relearn``) of ``request``; by default it can."""
 
+    def needs_clients(self, ctx: MethodContext, action: str) -> bool:  # pylint: disable=unused-argument
+        """Whether serving ``action`` sends work to clients (then every partition not forgotten
+        must be connected); a server-only answer does not."""
+        return True
+
+    def participants(self, ctx: MethodContext, action: str, request: UnlearningRequest,
+                     state: Forgotten) -> list[int]:
+        """The nodes that serving ``action`` of ``request`` from ``state`` sends work to (they hold
+        usable stores for a ``synthetic`` method): the holders of the request's data and every
+        client kept, none when :meth:`needs_clients` says so."""
+        if not self.needs_clients(ctx, action):
+            return []
+        return planner.stage_participants(ctx.federation, action, request, state)
+
     def training(self, ctx: MethodContext) -> StageStrategy:
         """The training stage of a new trained model."""
         return self.training_strategy(ctx.federation, **self.training_options(ctx))

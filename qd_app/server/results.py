@@ -39,7 +39,8 @@ class StageRecord:  # pylint: disable=too-many-instance-attributes
     computations over all rounds; ``bytes`` the model parameters sent between server
     and clients, both ways. ``forget-accuracy`` / ``retain-accuracy`` (F-Set /
     R-Set) refer to the request the stage serves (``request``, an index into
-    ``requests``); ``run`` indexes ``runs``.
+    ``requests``); ``run`` indexes ``runs``. ``details``: what a stage reports of its own
+    work (e.g. a data-free stage: the share of generated samples kept).
     """
 
     name: str
@@ -58,6 +59,7 @@ class StageRecord:  # pylint: disable=too-many-instance-attributes
     bytes: int = 0
     compute_seconds: float = 0.0
     distill_seconds: float = 0.0
+    details: dict[str, Any] = field(default_factory=dict)
 
     def as_dict(self) -> dict[str, Any]:
         """JSON form with the app's kebab-case keys."""
@@ -79,6 +81,7 @@ class StageRecord:  # pylint: disable=too-many-instance-attributes
             "accuracy": self.accuracy,
             **split.as_dict(),
             "class-accuracy": list(self.class_accuracy),
+            **({"details": dict(self.details)} if self.details else {}),
         }
 
     @classmethod
@@ -86,7 +89,8 @@ class StageRecord:  # pylint: disable=too-many-instance-attributes
         """The record of a stage that ran: its cost, and its outcome (accuracy, rounds, split, ...)."""
         return cls(name=name, rounds=cost.rounds, seconds=cost.seconds, samples=cost.samples,
                    sample_gradients=cost.sample_gradients, bytes=cost.bytes_sent + cost.bytes_received,
-                   compute_seconds=cost.compute_seconds, distill_seconds=cost.distill_seconds, **outcome)
+                   compute_seconds=cost.compute_seconds, distill_seconds=cost.distill_seconds,
+                   details=dict(cost.details), **outcome)
 
     def summary(self) -> str:
         """One line for the log."""
@@ -104,6 +108,7 @@ class StageRecord:  # pylint: disable=too-many-instance-attributes
             last_round=entry["last-round"], run=entry["run"], request=entry["request"],
             split=SplitAccuracy(entry["forget-accuracy"], entry["retain-accuracy"]), bytes=entry.get("bytes", 0),
             compute_seconds=entry.get("compute-seconds", 0.0), distill_seconds=entry.get("distill-seconds", 0.0),
+            details=entry.get("details", {}),
         )
 
 

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from logging import INFO
 from typing import Protocol
 
@@ -41,7 +41,8 @@ class StageCost:  # pylint: disable=too-many-instance-attributes
     ``sample_gradients`` the per-sample gradient computations over all rounds;
     ``bytes_sent`` / ``bytes_received`` the model parameters that went to and came from
     clients; ``compute_seconds`` the clients' own local work (for a server-only stage,
-    the server's), ``distill_seconds`` the part of it spent on synthetic images.
+    the server's), ``distill_seconds`` the part of it spent on synthetic images;
+    ``details`` what a stage reports of its own work (recorded with the stage).
     """
 
     rounds: int = 0
@@ -52,6 +53,7 @@ class StageCost:  # pylint: disable=too-many-instance-attributes
     bytes_received: int = 0
     compute_seconds: float = 0.0
     distill_seconds: float = 0.0
+    details: dict[str, float | str] = field(default_factory=dict)
 
 
 class Stage(Protocol):
