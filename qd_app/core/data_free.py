@@ -44,7 +44,8 @@ VARIANTS = {
 
 @dataclass(frozen=True)
 class DataFreeSettings:  # pylint: disable=too-many-instance-attributes
-    """The generator and distillation schedule: ``epochs`` x ``cycles`` x (generator steps, student steps)."""
+    """The generator and distillation schedule: ``epochs`` x ``cycles`` x (generator steps, student steps);
+    the defaults are the ISPF paper's (the app passes its ``ispf-*`` settings)."""
 
     epochs: int = 200
     cycles: int = 5
@@ -52,7 +53,7 @@ class DataFreeSettings:  # pylint: disable=too-many-instance-attributes
     student_steps: int = 10
     batch_size: int = 256
     latent_dim: int = 256
-    generator_width: int = 128
+    generator_width: int = 64
     generator_lr: float = 1e-3
     student_lr: float = 0.05
     tau: float = 0.01
