@@ -70,9 +70,10 @@ def _request_row(request: dict[str, Any]) -> dict[str, Any]:
 
 
 def _load_model(config: RunConfig, model_file: Path) -> torch.nn.Module:
+    """A checkpoint's model, channels-last (the same outputs; convolutions faster on CPU)."""
     model = build_model(ModelSpec.from_config(config))
     model.load_state_dict(torch.load(model_file, weights_only=True)["state-dict"])
-    return model
+    return model.to(memory_format=torch.channels_last)
 
 
 def target_requests(suite: Suite, config: RunConfig) -> dict[str, tuple[str, dict[str, str]]]:

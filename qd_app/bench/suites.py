@@ -46,7 +46,7 @@ SUITES = {
     for suite in (
         Suite("class-level", "Class-level unlearning of classes 0, 3 and 9 (cf. QuickDrop Table 2)", COMMON,
               ("retrain", "sga", "federaser", "fu-mp", "quickdrop"), {"forget-class": "9"},
-              targets=("0", "3", "9")),
+              targets=("0", "3", "9"), anamnesis=True),
         Suite("client-level", "Client-level unlearning of the largest, a median and the smallest client "
               "(cf. Table 4)", COMMON,
               ("retrain", "sga", "federaser", "s2u", "quickdrop"), {"forget-class": "", "forget-client": "4"},

@@ -67,14 +67,16 @@ class DataFreeStage(ServerStage):
         """The distilled student, from the teacher ``arrays``."""
         config, spec = self.ctx.config, dataset_spec(self.ctx.config.dataset)
         device = resolve_device(config.device)
-        teacher = build_model(self.ctx.model_spec).to(device)
+        # channels-last: the same mathematics, faster convolutions (on CPU about a quarter with BatchNorm)
+        teacher = build_model(self.ctx.model_spec)
         teacher.load_state_dict(arrays.to_torch_state_dict())
-        student = build_model(self.ctx.model_spec, seed=config.seed).to(device)
+        teacher = teacher.to(device, memory_format=torch.channels_last)
+        student = build_model(self.ctx.model_spec, seed=config.seed).to(device, memory_format=torch.channels_last)
         settings = data_free_settings(self.ctx)
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(config.seed)
             generator = Generator(settings.latent_dim, settings.generator_width, spec.channels, spec.image_size,
-                                  spec.mean, spec.std).to(device)
+                                  spec.mean, spec.std).to(device, memory_format=torch.channels_last)
 
         def progress(epoch: int, status: dict[str, float]) -> None:
             if epoch == settings.epochs or epoch % max(settings.epochs // 5, 1) == 0:
@@ -89,7 +91,7 @@ class DataFreeStage(ServerStage):
         if not report["bn-statistics"]:
             log(INFO, "%s: the model has no BatchNorm layer (model-norm=%r): the generator's BatchNorm "
                 "statistics term is off", self.variant, config.model_norm)
-        return ArrayRecord(student.state_dict())
+        return ArrayRecord(student.to(memory_format=torch.contiguous_format).state_dict())
 
 
 class DataFree(QuickDrop):
