@@ -67,7 +67,7 @@ class DataFreeStage(ServerStage):
         """The distilled student, from the teacher ``arrays``."""
         config, spec = self.ctx.config, dataset_spec(self.ctx.config.dataset)
         device = resolve_device(config.device)
-        # channels-last: the same mathematics, faster convolutions (on CPU about a quarter with BatchNorm)
+        # channels-last: the same mathematics, faster convolutions on CPU (with BatchNorm especially)
         teacher = build_model(self.ctx.model_spec)
         teacher.load_state_dict(arrays.to_torch_state_dict())
         teacher = teacher.to(device, memory_format=torch.channels_last)
