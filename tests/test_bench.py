@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import tomllib
+
 import pytest
 
 from qd_app.bench.plots import plot
 from qd_app.bench.report import markdown, summarise
 from qd_app.bench.runner import method_row, target_requests
 from qd_app.bench.suites import SUITES
+from qd_app.deploy.processes import PROJECT, staged_app
 
 
 def row(seconds: float, forget: float, retain: float) -> dict:
@@ -180,3 +183,13 @@ def test_the_command_line_refuses_a_method_or_variant_the_suite_does_not_have(ca
         with pytest.raises(SystemExit):
             main(argv)
         assert message in capsys.readouterr().err
+
+
+def test_the_bench_runs_a_staged_copy_of_exactly_the_apps_files(tmp_path):
+    app = staged_app(tmp_path / "app")
+    settings = [tomllib.loads((folder / "pyproject.toml").read_text())["tool"]["flwr"]["app"]["config"]
+                for folder in (app, PROJECT)]
+    assert settings[0] == settings[1]  # flwr build re-formats pyproject.toml; the settings stay
+    for name in ("qd_app/server_app.py", "qd_app/server/experiment.py", "presets/paper-mnist.toml"):
+        assert (app / name).read_bytes() == (PROJECT / name).read_bytes()
+    assert not (app / "tests").exists() and not (app / ".venv").exists() and not (app / ".info").exists()

@@ -19,7 +19,7 @@ def test_ispf_serves_a_class_request_on_the_server_alone(tiny_mnist_dir, tmp_pat
     run_server(tiny_run_config(tiny_mnist_dir, tmp_path, **{"model-norm": "batch"}))
     grid = run_server(tiny_run_config(tiny_mnist_dir, tmp_path, phase="unlearn", method="ispf",
                                       **{"forget-class": "3", "model-norm": "batch"}, **DATA_FREE))
-    assert {m.metadata.message_type for m in grid.sent} == {protocol.QUERY}  # discovery only: no work sent
+    assert grid.sent == []  # not even the inventory query
     record = json.loads((tmp_path / "tiny" / "results.json").read_text())
     unlearn = record["stages"][-1]
     assert unlearn["name"] == "unlearn" and unlearn["bytes"] == 0 and unlearn["rounds"] == 1
@@ -46,3 +46,16 @@ def test_ispf_serves_while_clients_are_missing_where_quickdrop_waits(tiny_mnist_
     run_server(tiny_run_config(tiny_mnist_dir, tmp_path, method="ispf", **request, **DATA_FREE),
                node_configs=two_of_three)
     assert [(r.action, r.state) for r in Ledger(tmp_path / "tiny").requests()] == [("unlearn", "served")]
+
+
+def test_ispf_serves_with_every_client_gone_and_keeps_the_training_record(tiny_mnist_dir, tmp_path):
+    run_server(tiny_run_config(tiny_mnist_dir, tmp_path))
+    trained = json.loads((tmp_path / "tiny" / "results.json").read_text())
+    grid = run_server(tiny_run_config(tiny_mnist_dir, tmp_path, phase="unlearn", method="ispf",
+                                      **{"forget-class": "3+5", "node-wait-seconds": 0.0}, **DATA_FREE),
+                      node_configs=[])
+    assert grid.sent == []
+    record = json.loads((tmp_path / "tiny" / "results.json").read_text())
+    assert record["federation"] == trained["federation"] and record["stores"] == trained["stores"]
+    assert record["requests"][-1]["label"] == "classes 3+5" and "exact" not in record["requests"][-1]
+

@@ -14,6 +14,7 @@ from typing import Any
 import torch
 
 from ..config import RunConfig
+from ..deploy.processes import staged_app
 from ..errors import UserFacingError
 from . import __doc__ as OVERVIEW
 from .plots import plot
@@ -78,6 +79,7 @@ def _run_suite(suite: Suite, args: argparse.Namespace, seeds: list[int], trainin
     one pooled over them."""
     work = (args.work or args.out.parent / "work").resolve() / suite.name
     started = time.perf_counter()
+    app = staged_app(work / "app")  # every run of the suite runs these files
     report: dict[str, Any] = {
         "suite": suite.name, "command": "python -m qd_app.bench " + " ".join(argv or sys.argv[1:]),
         "machine": _machine(), "seeds": seeds, "settings": suite.settings, "methods": list(suite.methods),
@@ -86,8 +88,8 @@ def _run_suite(suite: Suite, args: argparse.Namespace, seeds: list[int], trainin
     for variant, overrides in suite.variants.items():
         print(f"{suite.title} {variant}".strip(), flush=True)
         folder = work / (variant or "default").replace(" ", "-").replace("'", "")
-        link = (SimulationSuperLink(work / "flwrhome") if suite.deployment is None
-                else DeploymentLink(folder, suite.clients, **suite.deployment[variant]))
+        link = (SimulationSuperLink(work / "flwrhome", app) if suite.deployment is None
+                else DeploymentLink(folder, suite.clients, **suite.deployment[variant], app=app))
         with link:
             per_seed = [run_seed(link, suite, overrides, seed, folder / f"seed-{seed}", suite.methods, trainings)
                         for seed in seeds]

@@ -13,11 +13,14 @@ import contextlib
 import json
 import os
 import re
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -174,22 +177,40 @@ def tail(log: Path, lines: int = 15) -> str:
         return ""
 
 
-def flwr(args: list[str], flwr_home: Path, timeout: float = 120) -> subprocess.CompletedProcess:
+def flwr(args: list[str], flwr_home: Path, timeout: float = 120, app: Path = PROJECT) -> subprocess.CompletedProcess:
     """Run the ``flwr`` CLI in the app's folder with its connections in ``flwr_home``."""
     env = {**os.environ, **OFFLINE_ENVIRONMENT, "FLWR_HOME": str(flwr_home),
            "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}"}
-    return subprocess.run([str(BIN / "flwr"), *args], cwd=PROJECT, env=env, capture_output=True, text=True,
+    return subprocess.run([str(BIN / "flwr"), *args], cwd=app, env=env, capture_output=True, text=True,
                           timeout=timeout, check=False)
 
 
+def staged_app(folder: Path) -> Path:
+    """The files of the app's FAB (what ``flwr build`` puts in it), unpacked into a fresh ``folder``.
+
+    ``flwr run .`` walks every file under the app's folder before it filters them, a
+    virtual environment inside the project included (seconds per run); a staged copy has
+    only the app's files, and edits to the working tree do not reach runs already planned.
+    """
+    shutil.rmtree(folder, ignore_errors=True)
+    with tempfile.TemporaryDirectory() as scratch:
+        built = flwr(["build", "--app", str(PROJECT)], Path(scratch), app=Path(scratch))
+        fabs = list(Path(scratch).glob("*.fab"))
+        if built.returncode != 0 or len(fabs) != 1:
+            raise RuntimeError(f"flwr build failed:\n{(built.stdout + built.stderr)[-2000:]}")
+        with zipfile.ZipFile(fabs[0]) as fab:
+            fab.extractall(folder, [name for name in fab.namelist() if not name.startswith(".info/")])
+    return folder
+
+
 def run_app(connection: str, run_config: str, flwr_home: Path, federation_config: str | None = None,
-            timeout: float = 3600) -> tuple[dict, str]:
-    """``flwr run . <connection> --stream``; returns the run's ``flwr ls`` entry (its final status:
-    ``flwr run`` exits 0 even when the run failed) and the streamed log."""
+            timeout: float = 3600, app: Path = PROJECT) -> tuple[dict, str]:
+    """``flwr run <app> <connection> --stream``; returns the run's ``flwr ls`` entry (its final
+    status: ``flwr run`` exits 0 even when the run failed) and the streamed log."""
     args = ["run", ".", connection, "--stream", "--run-config", run_config]
     if federation_config:
         args += ["--federation-config", federation_config]
-    started = flwr(args, flwr_home, timeout=timeout)
+    started = flwr(args, flwr_home, timeout=timeout, app=app)
     output = started.stdout + started.stderr
     match = re.search(r"Successfully started run (\d+)", output)
     if not match:

@@ -20,6 +20,7 @@ import torch
 from flwr.app import ArrayRecord
 from flwr.common import log
 
+from ..config import RunConfig
 from ..core.data import dataset_spec
 from ..core.data_free import VARIANTS, DataFreeSettings, Generator, unlearn_data_free
 from ..core.models import build_model
@@ -112,9 +113,9 @@ class DataFree(QuickDrop):
                                f"forget a client's samples ({request.label}); use method='quickdrop' (or sga, "
                                "federaser, s2u, retrain) for forget-client")
 
-    def needs_clients(self, ctx: MethodContext, action: str) -> bool:
+    def needs_clients(self, config: RunConfig, action: str) -> bool:
         """Not for unlearning without recovery: the server works alone."""
-        return action != UNLEARN or ctx.config.ispf_recover_rounds > 0
+        return action != UNLEARN or config.ispf_recover_rounds > 0
 
     def unlearn(self, ctx: MethodContext, request: UnlearningRequest, before: Forgotten, after: Forgotten,
                 arrays: ArrayRecord) -> list[StagePlan]:

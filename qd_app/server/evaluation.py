@@ -111,7 +111,8 @@ class ServerEvaluator:
         self.data = evaluation_split(config)
         self.num_classes = dataset_spec(config.dataset).num_classes
         self.class_sizes = self.data.class_counts(self.num_classes)
-        self.model = build_model(ModelSpec.from_config(config)).to(device)
+        # channels-last: the same outputs, convolutions faster (on CPU, twice with batch norm)
+        self.model = build_model(ModelSpec.from_config(config)).to(device, memory_format=torch.channels_last)
         self.history: list[RoundRecord] = []
         self.seconds = 0.0
         self._last: tuple[ArrayRecord, torch.Tensor] | None = None  # the last model and its test outputs

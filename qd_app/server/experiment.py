@@ -44,21 +44,12 @@ from ..errors import FederationError, RequestError, StageFailedError
 from ..request import NOTHING_FORGOTTEN, UNLEARN, UnlearningRequest
 from . import planner
 from .evaluation import ServerEvaluator, SplitAccuracy, class_split, client_split, evaluate_on_clients
-from .federation import discover_federation
+from .federation import Federation, discover_federation, recorded_federation
 from .grid import for_deployment
 from .ledger import PENDING, RUNNING, Ledger
 from .method import MethodContext, UnlearningMethod
-from .results import (
-    TRAINED_CHECKPOINT_FILE,
-    ExperimentRecord,
-    StageRecord,
-    entry_summary,
-    load_checkpoint,
-    model_digest,
-    plot_class_accuracy,
-    save_checkpoint,
-    write_results,
-)
+from .results import (TRAINED_CHECKPOINT_FILE, ExperimentRecord, StageRecord, entry_summary, load_checkpoint,
+                      model_digest, plot_class_accuracy, save_checkpoint, write_results)
 from .stages import ResetStage, Stage, StagePlan
 
 
@@ -77,8 +68,7 @@ class Experiment:  # pylint: disable=too-many-instance-attributes
         self.spec = dataset_spec(config.dataset)
         self.model_spec = ModelSpec.from_config(config)
         random.seed(config.seed)
-        self.federation = discover_federation(grid, config.node_wait_seconds)  # first: a client that cannot start
-        # says why
+        self.federation = self._federation()  # first: a client that cannot start says why
         self.evaluator = ServerEvaluator(config, resolve_device(config.device))
         self.context = MethodContext(config, self.federation, self.model_spec, self.evaluator, self.output_path,
                                      random.Random(config.seed))
@@ -88,6 +78,16 @@ class Experiment:  # pylint: disable=too-many-instance-attributes
         self.forgotten = NOTHING_FORGOTTEN
         self.record = ExperimentRecord(config=config.resolved_run_config())
         self.run_index = 0
+
+    def _federation(self) -> Federation:
+        """Every node is asked who it is, except in a run that only unlearns with a method that
+        contacts no client (ISPF): the training record says, and nobody need be connected."""
+        previous = ExperimentRecord.load(self.output_path)
+        if (self.config.phase == "unlearn" and not self.method.needs_clients(self.config, UNLEARN)
+                and previous is not None and (recorded := recorded_federation(previous.federation))):
+            log(INFO, "Method %s works on the server alone: no client is contacted", self.method.name)
+            return recorded
+        return discover_federation(self.grid, self.config.node_wait_seconds)
 
     # ----------------------------------------------------------------- planning
     def plan(self) -> list[Step]:
@@ -201,7 +201,8 @@ class Experiment:  # pylint: disable=too-many-instance-attributes
     def load_model(self) -> ArrayRecord:
         """The current global model of this experiment (checked in :meth:`plan`)."""
         self.start_run()
-        self._record_stores({node: info.store_bytes for node, info in self.federation.clients.items()})
+        if self.federation.connected:
+            self._record_stores({node: info.store_bytes for node, info in self.federation.clients.items()})
         return ArrayRecord(self.checkpoint["state-dict"])
 
     def serve(self, action: str, request: UnlearningRequest, request_id: int, arrays: ArrayRecord) -> ArrayRecord:
@@ -224,7 +225,7 @@ class Experiment:  # pylint: disable=too-many-instance-attributes
                                        "model-before": model_digest(arrays.to_torch_state_dict())})
         try:
             missing = [p for p in self.federation.missing if p not in before.clients]
-            if missing and self.method.needs_clients(self.context, action):
+            if missing and self.method.needs_clients(self.config, action):
                 raise FederationError(f"partitions {missing} are not connected (the server waited "
                                       f"node-wait-seconds={self.config.node_wait_seconds:g})")
             if self.config.phase == "serve" and self.method.data == protocol.SYNTHETIC:

@@ -4,15 +4,18 @@ Before any stage runs, the server asks every connected node for its inventory (a
 ``query`` message) and waits until every partition ``0 .. num-partitions - 1`` is
 held by exactly one node. Stages use the result to pick participants (for example
 the node holding a client to forget). The exchange also brings every ClientApp up,
-so the timed stages that follow do not include the federation's start-up.
+so the timed stages that follow do not include the federation's start-up. A run
+that contacts no client (server-only unlearning) takes the federation from the
+training record instead and asks nobody.
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from logging import INFO, WARNING
+from typing import Any
 
 from flwr.app import ConfigRecord, Message, RecordDict
 from flwr.common import log
@@ -47,10 +50,12 @@ class ClientInfo:
 @dataclass(frozen=True)
 class Federation:
     """The clients of a run, by node id; ``expected``: the partitions the nodes say there are
-    (0: as many as answered), of which some may be :attr:`missing`."""
+    (0: as many as answered), of which some may be :attr:`missing`. ``connected`` is False for
+    a federation known only from the training record (:func:`recorded_federation`)."""
 
     clients: dict[int, ClientInfo]
     expected: int = 0
+    connected: bool = True
 
     @property
     def node_ids(self) -> list[int]:
@@ -129,6 +134,19 @@ def discover_federation(grid: Grid, timeout_s: float = NODE_WAIT_TIMEOUT_S) -> F
         log(WARNING, "Partitions %s did not connect within %.0f s; what needs them waits for a later run",
             federation.missing, timeout_s)
     return federation
+
+
+def recorded_federation(record: Mapping[str, Any]) -> Federation | None:
+    """The federation as training recorded it in results.json (partitions and class counts), for
+    a run that contacts no client; nobody is asked, and the node ids are the partition ids.
+    None when the record has no federation."""
+    counts = record.get("class-counts")
+    if not counts:
+        return None
+    size = int(record["num-partitions"])
+    clients = {partition: ClientInfo(partition, partition, size, tuple(int(c) for c in class_counts))
+               for partition, class_counts in enumerate(counts)}
+    return Federation(clients, size, connected=False)
 
 
 def _query(grid: Grid, node_ids: list[int]) -> list[ClientInfo]:

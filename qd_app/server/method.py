@@ -101,9 +101,10 @@ class UnlearningMethod:
         """Raise :class:`~qd_app.errors.RequestError` with the reason if this method cannot
         serve ``action`` (``unlearn`` or ``relearn``) of ``request``; by default it can."""
 
-    def needs_clients(self, ctx: MethodContext, action: str) -> bool:  # pylint: disable=unused-argument
-        """Whether serving ``action`` sends work to clients (then every partition not forgotten
-        must be connected); a server-only answer does not."""
+    def needs_clients(self, config: RunConfig, action: str) -> bool:  # pylint: disable=unused-argument
+        """Whether serving ``action`` with these settings sends work to clients (then every
+        partition not forgotten must be connected); a server-only answer does not, and a run
+        that only unlearns with it contacts no client at all."""
         return True
 
     def participants(self, ctx: MethodContext, action: str, request: UnlearningRequest,
@@ -111,7 +112,7 @@ class UnlearningMethod:
         """The nodes that serving ``action`` of ``request`` from ``state`` sends work to (they hold
         usable stores for a ``synthetic`` method): the holders of the request's data and every
         client kept, none when :meth:`needs_clients` says so."""
-        if not self.needs_clients(ctx, action):
+        if not self.needs_clients(ctx.config, action):
             return []
         return planner.stage_participants(ctx.federation, action, request, state)
 
