@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Protocol
 
 from ..deploy.federation import LocalFederation
-from ..deploy.processes import BIN, PROJECT, free_ports, run_app, start, stop, wait_for_port
+from ..deploy.processes import BIN, PROJECT, Process, free_ports, run_app, start, stop, wait_for_port
 
 __all__ = ["PROJECT", "DeploymentLink", "Link", "SimulationSuperLink"]
 
@@ -27,7 +27,8 @@ class Link(Protocol):
 
 
 class SimulationSuperLink:
-    """A ``flower-superlink --simulation`` of our own, and ``flwr run <app>`` pointed at it."""
+    """A ``flower-superlink --simulation`` of our own, whose runs join a Ray head of our own, and
+    ``flwr run <app>`` pointed at it."""
 
     def __init__(self, home: Path, app: Path = PROJECT) -> None:
         self.home = home
@@ -41,7 +42,7 @@ class SimulationSuperLink:
         )
         environment = {"FLWR_HOME": str(home), "RAY_TMPDIR": str(self.ray_tmp),
                        "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}"}
-        self.processes = []
+        self.processes: list[Process] = []
         try:
             # a Ray head of our own that every run's simulation joins (Flower's multi-node mode):
             # Ray starts once, not once per run
@@ -72,7 +73,7 @@ class SimulationSuperLink:
                        federation_config=f"num-supernodes={num_supernodes} client-resources-num-cpus=1")
 
     def stop(self) -> None:
-        """Stop the SuperLink and everything it started."""
+        """Stop the SuperLink, the Ray head and everything they started."""
         stop(self.processes[::-1], grace_s=30)
         shutil.rmtree(self.ray_tmp, ignore_errors=True)
 

@@ -82,11 +82,11 @@ class Experiment:  # pylint: disable=too-many-instance-attributes
     def _federation(self) -> Federation:
         """Every node is asked who it is, except in a run that only unlearns with a method that
         contacts no client (ISPF): the training record says, and nobody need be connected."""
-        previous = ExperimentRecord.load(self.output_path)
-        if (self.config.phase == "unlearn" and not self.method.needs_clients(self.config, UNLEARN)
-                and previous is not None and (recorded := recorded_federation(previous.federation))):
-            log(INFO, "Method %s works on the server alone: no client is contacted", self.method.name)
-            return recorded
+        if self.config.phase == "unlearn" and not self.method.needs_clients(self.config, UNLEARN):
+            recorded = recorded_federation(getattr(ExperimentRecord.load(self.output_path), "federation", {}))
+            if recorded is not None:  # without a training record the nodes are asked
+                log(INFO, "Method %s works on the server alone: no client is contacted", self.method.name)
+                return recorded
         return discover_federation(self.grid, self.config.node_wait_seconds)
 
     # ----------------------------------------------------------------- planning
