@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import tomllib
+from dataclasses import replace
 
 import pytest
 
+from qd_app.bench import __main__ as bench_main
 from qd_app.bench.plots import plot
 from qd_app.bench.report import markdown, summarise
 from qd_app.bench.runner import method_row, target_requests
@@ -193,3 +195,23 @@ def test_the_bench_runs_a_staged_copy_of_exactly_the_apps_files(tmp_path):
     for name in ("qd_app/server_app.py", "qd_app/server/experiment.py", "presets/paper-mnist.toml"):
         assert (app / name).read_bytes() == (PROJECT / name).read_bytes()
     assert not (app / "tests").exists() and not (app / ".venv").exists() and not (app / ".info").exists()
+
+
+def test_resume_takes_a_seed_an_earlier_invocation_finished_and_runs_the_others(tmp_path, monkeypatch):
+    runs = []
+
+    def run_seed(link, suite, overrides, seed, folder, methods, trainings):
+        runs.append(seed)
+        folder.mkdir(parents=True, exist_ok=True)
+        return {"": {"seed": seed, "methods": {}}}
+
+    monkeypatch.setattr(bench_main, "run_seed", run_seed)
+    suite = SUITES["relearn"]
+    first, second, third = {}, {}, {}
+    assert bench_main._seed_results(None, suite, {}, 0, tmp_path, {}, False, first) == {"": {"seed": 0, "methods": {}}}
+    assert bench_main._seed_results(None, suite, {}, 0, tmp_path, {}, True, second)[""]["seed"] == 0
+    bench_main._seed_results(None, suite, {}, 1, tmp_path, {}, True, second)
+    assert runs == [0, 1] and second["resumed"] == [str(tmp_path / "seed-0.json")]
+    other = replace(suite, methods=("retrain",))  # other methods: not the same results
+    bench_main._seed_results(None, other, {}, 0, tmp_path, {}, True, third)
+    assert runs == [0, 1, 0] and "resumed" not in third

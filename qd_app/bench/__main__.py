@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import signal
 import sys
 import time
 import tomllib
@@ -13,6 +14,7 @@ from typing import Any
 
 import torch
 
+from ..atomic import atomic_write_text
 from ..config import RunConfig
 from ..deploy.processes import staged_app
 from ..errors import UserFacingError
@@ -21,7 +23,7 @@ from .plots import plot
 from .report import markdown, summarise
 from .runner import run_seed
 from .suites import SUITES, Suite
-from .superlink import PROJECT, DeploymentLink, SimulationSuperLink
+from .superlink import PROJECT, DeploymentLink, Link, SimulationSuperLink
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -40,7 +42,11 @@ def main(argv: list[str] | None = None) -> int:
                         help="run only this variant of a suite that has named variants (e.g. non-IID); repeatable")
     parser.add_argument("--out", type=Path, default=PROJECT / "bench" / "results", help="where results go")
     parser.add_argument("--work", type=Path, default=None, help="scratch folder (default: <out>/../work)")
+    parser.add_argument("--resume", action="store_true",
+                        help="take each seed an earlier, interrupted invocation of the same suite, settings and "
+                             "methods finished from the scratch folder instead of running it again")
     args = parser.parse_args(argv)
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # so the SuperLink and Ray head are stopped
     suites = [_selected(parser, SUITES[name], args) for name in dict.fromkeys(args.suites)]
     seeds = list(range(1 if args.quick else args.seeds))
     trainings: dict[str, Any] = {}  # one training per seed and settings, shared by the suites
@@ -91,7 +97,7 @@ def _run_suite(suite: Suite, args: argparse.Namespace, seeds: list[int], trainin
         link = (SimulationSuperLink(work / "flwrhome", app) if suite.deployment is None
                 else DeploymentLink(folder, suite.clients, **suite.deployment[variant], app=app))
         with link:
-            per_seed = [run_seed(link, suite, overrides, seed, folder / f"seed-{seed}", suite.methods, trainings)
+            per_seed = [_seed_results(link, suite, overrides, seed, folder, trainings, args.resume, report)
                         for seed in seeds]
         for target in per_seed[0]:
             results = [by_target[target] for by_target in per_seed]
@@ -109,6 +115,24 @@ def _run_suite(suite: Suite, args: argparse.Namespace, seeds: list[int], trainin
     (args.out / f"{name}.md").write_text(markdown(suite, report))
     plot(suite, report, args.out / f"{name}.png")
     print(f"wrote {args.out / name}.{{json,md,png}} after {report['wall-seconds'] / 60:.1f} min", flush=True)
+
+
+def _seed_results(link: Link, suite: Suite, overrides: dict[str, Any], seed: int, folder: Path,
+                  trainings: dict[str, Any], resume: bool, report: dict[str, Any]) -> dict[str, Any]:
+    """One seed's results by target: run (and kept in ``folder/seed-<seed>.json``), or with
+    ``resume`` taken from that file when an earlier invocation of the same suite, settings and
+    methods wrote it (listed in the report's ``resumed``)."""
+    saved = folder / f"seed-{seed}.json"
+    key = json.loads(json.dumps({"suite": suite.name, "settings": suite.settings, "variant": overrides,
+                                 "methods": list(suite.methods), "targets": list(suite.targets)}, default=str))
+    earlier = json.loads(saved.read_text()) if resume and saved.is_file() else {}
+    if earlier.get("key") == key:
+        print(f"  seed {seed}: results of an earlier invocation ({saved})", flush=True)
+        report.setdefault("resumed", []).append(str(saved))
+        return earlier["results"]
+    results = run_seed(link, suite, overrides, seed, folder / f"seed-{seed}", suite.methods, trainings)
+    atomic_write_text(saved, json.dumps({"key": key, "results": results}, indent=1, default=str) + "\n")
+    return results
 
 
 def _setting(text: str) -> tuple[str, Any]:
