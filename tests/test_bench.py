@@ -191,7 +191,7 @@ def test_the_bench_runs_a_staged_copy_of_exactly_the_apps_files(tmp_path):
     app = staged_app(tmp_path / "app")
     settings = [tomllib.loads((folder / "pyproject.toml").read_text())["tool"]["flwr"]["app"]["config"]
                 for folder in (app, PROJECT)]
-    assert settings[0] == settings[1]  # flwr build re-formats pyproject.toml; the settings stay
+    assert settings[0] == settings[1]
     for name in ("qd_app/server_app.py", "qd_app/server/experiment.py", "presets/paper-mnist.toml"):
         assert (app / name).read_bytes() == (PROJECT / name).read_bytes()
     assert not (app / "tests").exists() and not (app / ".venv").exists() and not (app / ".info").exists()

@@ -18,9 +18,8 @@ import signal
 import socket
 import subprocess
 import sys
-import tempfile
 import time
-import zipfile
+import tomllib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -186,20 +185,19 @@ def flwr(args: list[str], flwr_home: Path, timeout: float = 120, app: Path = PRO
 
 
 def staged_app(folder: Path) -> Path:
-    """The files of the app's FAB (what ``flwr build`` puts in it), unpacked into a fresh ``folder``.
+    """The app's own files, ``pyproject.toml`` and what its ``fab-include`` names, copied into a
+    fresh ``folder``, for ``flwr run`` to run from there.
 
     ``flwr run .`` walks every file under the app's folder before it filters them, a
     virtual environment inside the project included (seconds per run); a staged copy has
     only the app's files, and edits to the working tree do not reach runs already planned.
     """
     shutil.rmtree(folder, ignore_errors=True)
-    with tempfile.TemporaryDirectory() as scratch:
-        built = flwr(["build", "--app", str(PROJECT)], Path(scratch), app=Path(scratch))
-        fabs = list(Path(scratch).glob("*.fab"))
-        if built.returncode != 0 or len(fabs) != 1:
-            raise RuntimeError(f"flwr build failed:\n{(built.stdout + built.stderr)[-2000:]}")
-        with zipfile.ZipFile(fabs[0]) as fab:
-            fab.extractall(folder, [name for name in fab.namelist() if not name.startswith(".info/")])
+    patterns = tomllib.loads((PROJECT / "pyproject.toml").read_text())["tool"]["flwr"]["app"]["fab-include"]
+    names = ["pyproject.toml", *(path.relative_to(PROJECT) for pattern in patterns for path in PROJECT.glob(pattern))]
+    for name in names:
+        (folder / name).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(PROJECT / name, folder / name)
     return folder
 
 
