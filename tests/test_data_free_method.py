@@ -7,7 +7,6 @@ import json
 import pytest
 from test_apps import run_server, tiny_run_config
 
-from qd_app import protocol
 from qd_app.errors import FederationError, RequestError
 from qd_app.server.ledger import Ledger
 

@@ -183,10 +183,7 @@ class Experiment:  # pylint: disable=too-many-instance-attributes
                                   f"node-wait-seconds={self.config.node_wait_seconds:g}: training needs every one")
         self.lineage = f"{_now()}-{uuid.uuid4().hex[:8]}"
         self.start_run()
-        self.record.federation = {
-            "num-partitions": self.federation.num_partitions,
-            "class-counts": [list(self.federation.clients[n].class_counts) for n in self.federation.node_ids],
-        }
+        self.record.federation = self.federation.as_record()
         history = self.context.history()
         history.clear()  # updates of an earlier trained model
         strategy = self.method.training(self.context)

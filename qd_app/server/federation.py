@@ -84,6 +84,11 @@ class Federation:
         """The partition a node holds."""
         return self.clients[node_id].partition_id
 
+    def as_record(self) -> dict[str, Any]:
+        """Partitions and class counts, as results.json records them (:func:`recorded_federation` reads it)."""
+        return {"num-partitions": self.num_partitions,
+                "class-counts": [list(self.clients[node].class_counts) for node in self.node_ids]}
+
     def nodes_where(self, keep: Callable[[ClientInfo], bool]) -> list[int]:
         """Node ids (by partition) of the clients for which ``keep`` holds."""
         return [node for node in self.node_ids if keep(self.clients[node])]
@@ -137,7 +142,7 @@ def discover_federation(grid: Grid, timeout_s: float = NODE_WAIT_TIMEOUT_S) -> F
 
 
 def recorded_federation(record: Mapping[str, Any]) -> Federation | None:
-    """The federation as training recorded it in results.json (partitions and class counts), for
+    """The federation as training recorded it in results.json (:meth:`Federation.as_record`), for
     a run that contacts no client; nobody is asked, and the node ids are the partition ids.
     None when the record has no federation."""
     counts = record.get("class-counts")
