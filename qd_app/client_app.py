@@ -74,3 +74,27 @@ def train_relearn(msg: Message, context: Context) -> Message:
 def evaluate(msg: Message, context: Context) -> Message:
     """Evaluate the received model on the client's own training data."""
     return reply(msg, context)
+
+
+@app.train(protocol.SEED)
+def train_seed(msg: Message, context: Context) -> Message:
+    """HDUS: train the client's main model, distil its seed model, reply with the seed model."""
+    return reply(msg, context)
+
+
+@app.evaluate(protocol.KEEP_SEEDS)
+def evaluate_keep_seeds(msg: Message, context: Context) -> Message:
+    """HDUS: keep the neighbours' seed models the message carries."""
+    return reply(msg, context)
+
+
+@app.evaluate(protocol.DROP_SEEDS)
+def evaluate_drop_seeds(msg: Message, context: Context) -> Message:
+    """HDUS: delete forgotten clients' seed models (a forgotten client deletes its own state)."""
+    return reply(msg, context)
+
+
+@app.evaluate(protocol.ENSEMBLE)
+def evaluate_ensemble(msg: Message, context: Context) -> Message:
+    """HDUS: test accuracy of the client's main model alone and of its ensemble."""
+    return reply(msg, context)

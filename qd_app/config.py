@@ -23,7 +23,13 @@ DATASET_CLASSES = {"mnist": 10, "fashion-mnist": 10, "cifar10": 10, "svhn": 10}
 DATASET_NAMES = tuple(DATASET_CLASSES)
 PARTITIONINGS = ("dirichlet", "iid")
 PHASES = ("all", "train", "unlearn", "relearn", "serve")
-MODEL_NAMES = ("convnet",)
+MODEL_NAMES = ("convnet",)  # the global model; ARCHITECTURES also name MLPs
+# Named architectures of per-client main models (client-models) and of HDUS's seed model:
+# family, width, depth (a ConvNet's channels and blocks; an MLP's hidden units and layers).
+ARCHITECTURES = {"convnet-s": ("convnet", 16, 2), "convnet-m": ("convnet", 32, 3), "convnet-l": ("convnet", 64, 3),
+                 "mlp": ("mlp", 256, 2)}
+HDUS_REFERENCES = ("holdout", "other", "noise")
+HDUS_TOPOLOGIES = ("ring", "regular", "full")
 MODEL_NORMS = ("instance", "batch", "none")
 MODEL_POOLINGS = ("avg", "max", "none")
 PRUNE_TARGETS = ("features", "channels")
@@ -122,6 +128,17 @@ class RunConfig:  # pylint: disable=too-many-instance-attributes
     ispf_tau: float = 0.01
     ispf_temperature: float = 1.0
     ispf_recover_rounds: int = 0
+    client_models: str = ""
+    hdus_seed_model: str = "convnet-s"
+    hdus_reference: str = "holdout"
+    hdus_reference_size: int = 2000
+    hdus_topology: str = "ring"
+    hdus_degree: int = 4
+    hdus_lambda: float = 0.5
+    hdus_temperature: float = 3.0
+    hdus_epochs: int = 3
+    hdus_distill_epochs: int = 20
+    hdus_distill_lr: float = 0.05
 
     def __post_init__(self) -> None:
         for field in fields(self):
@@ -138,9 +155,12 @@ class RunConfig:  # pylint: disable=too-many-instance-attributes
             "model-norm": MODEL_NORMS,
             "model-pooling": MODEL_POOLINGS,
             "prune-target": PRUNE_TARGETS,
+            "hdus-seed-model": tuple(ARCHITECTURES),
+            "hdus-reference": HDUS_REFERENCES,
+            "hdus-topology": HDUS_TOPOLOGIES,
         }
         for key, allowed in choices.items():
-            value = getattr(self, _field_name(key))
+            value = getattr(self, field_name(key))
             if value not in allowed:
                 raise invalid(key, value, f"must be one of {', '.join(allowed)}")
         if not _METHOD_PATTERN.match(self.method):
@@ -158,27 +178,32 @@ class RunConfig:  # pylint: disable=too-many-instance-attributes
             "num-server-rounds", "local-epochs", "batch-size", "model-depth", "model-width", "eval-batch-size",
             "scale", "distill-batch", "unlearn-rounds", "unlearn-epochs", "unlearn-client-epochs", "recover-epochs",
             "relearn-epochs", "ispf-epochs", "ispf-cycles", "ispf-generator-steps", "ispf-student-steps", "ispf-batch",
-            "ispf-generator-width",
+            "ispf-generator-width", "hdus-reference-size", "hdus-epochs", "hdus-distill-epochs",
         )
         for key in positive:
-            if getattr(self, _field_name(key)) < 1:
-                raise invalid(key, getattr(self, _field_name(key)), "must be >= 1")
+            if getattr(self, field_name(key)) < 1:
+                raise invalid(key, getattr(self, field_name(key)), "must be >= 1")
         non_negative = (
             "local-steps", "seed", "momentum", "weight-decay", "distill-momentum", "finetune-steps",
             "recover-rounds", "relearn-rounds", "federaser-interval", "ispf-recover-rounds",
         )
         for key in non_negative:
-            if getattr(self, _field_name(key)) < 0:
-                raise invalid(key, getattr(self, _field_name(key)), "must be >= 0")
+            if getattr(self, field_name(key)) < 0:
+                raise invalid(key, getattr(self, field_name(key)), "must be >= 0")
         for key in ("lr", "distill-lr", "unlearn-lr", "recover-lr", "relearn-lr", "ispf-generator-lr", "ispf-student-lr",
-                    "ispf-temperature"):
-            if not getattr(self, _field_name(key)) > 0:
-                raise invalid(key, getattr(self, _field_name(key)), "must be > 0")
+                    "ispf-temperature", "hdus-temperature", "hdus-distill-lr"):
+            if not getattr(self, field_name(key)) > 0:
+                raise invalid(key, getattr(self, field_name(key)), "must be > 0")
         if not self.node_wait_seconds >= 0:
             raise invalid("node-wait-seconds", self.node_wait_seconds, "must be >= 0")
         for key in ("federaser-ratio", "prune-fraction", "s2u-scale", "ispf-tau"):
-            if not 0.0 < getattr(self, _field_name(key)) <= 1.0:
-                raise invalid(key, getattr(self, _field_name(key)), "must be in (0, 1]")
+            if not 0.0 < getattr(self, field_name(key)) <= 1.0:
+                raise invalid(key, getattr(self, field_name(key)), "must be in (0, 1]")
+        if not 0.0 <= self.hdus_lambda <= 1.0:
+            raise invalid("hdus-lambda", self.hdus_lambda, "must be in [0, 1] (the main model's weight in the ensemble)")
+        if self.hdus_degree < 2:
+            raise invalid("hdus-degree", self.hdus_degree, "must be >= 2 (each client's number of neighbours)")
+        self.client_model(0)  # parsing the per-partition architectures validates them
         if not _DEVICE_PATTERN.match(self.device):
             raise invalid("device", self.device, "must be auto, cpu, cuda or cuda:<index>")
         self.serve_ids()  # parsing the ledger ids validates them
@@ -244,6 +269,16 @@ class RunConfig:  # pylint: disable=too-many-instance-attributes
                           "(see qd-app requests list), or empty for every pending request")
         return ids
 
+    def client_model(self, partition_id: int) -> str | None:
+        """The main-model architecture ``client-models`` gives a partition (cycled over the
+        partitions), or None when it is empty (every client has the run's ``model``)."""
+        names = [name.strip() for name in self.client_models.split(",")] if self.client_models.strip() else []
+        unknown = [name for name in names if name not in ARCHITECTURES]
+        if unknown:
+            raise invalid("client-models", self.client_models, "must be architecture names separated by ',' "
+                          f"(one per partition, cycled), each one of {', '.join(ARCHITECTURES)}")
+        return names[partition_id % len(names)] if names else None
+
     def replace(self, **changes: Any) -> RunConfig:
         """A copy with some fields changed (validated again)."""
         return dataclasses.replace(self, **changes)
@@ -264,63 +299,15 @@ class RunConfig:  # pylint: disable=too-many-instance-attributes
         return resolve_dir("store-dir", self.store_dir, "stores")
 
 
-@dataclass(frozen=True)
-class NodeSettings:
-    """What a ClientApp learns from its SuperNode's ``node_config``.
-
-    ``partition-id`` and ``num-partitions`` pick the client's share of the data; in a
-    deployment a SuperNode may also set ``data-dir`` and ``store-dir`` (its own disk),
-    which replace the run config's values on that node, and ``worker=true``: its
-    ClientApps hand their work to one long-lived process of the node (which keeps torch,
-    the data and the store loaded between messages), instead of each loading them anew.
-    """
-
-    partition_id: int
-    num_partitions: int
-    data_dir: str | None = None
-    store_dir: str | None = None
-    worker: bool = False
-
-    @classmethod
-    def from_node_config(cls, node_config: Mapping[str, Any]) -> NodeSettings:
-        """Read and check the node's settings."""
-        for key in ("partition-id", "num-partitions"):
-            if key not in node_config:
-                raise ConfigError(
-                    f"node_config has no {key}: start each SuperNode with "
-                    "--node-config \"partition-id=<i> num-partitions=<n>\""
-                )
-        num_partitions = _as_int("num-partitions", node_config["num-partitions"])
-        partition_id = _as_int("partition-id", node_config["partition-id"])
-        if num_partitions < 1:
-            raise invalid("num-partitions", num_partitions, "must be >= 1")
-        if not 0 <= partition_id < num_partitions:
-            raise invalid("partition-id", partition_id, f"must be in [0, {num_partitions - 1}]")
-        paths = {}
-        for key in ("data-dir", "store-dir"):
-            if key in node_config:
-                paths[_field_name(key)] = str(node_config[key])
-                resolve_dir(key, paths[_field_name(key)], key)
-        worker = node_config.get("worker", False)
-        if not isinstance(worker, bool):
-            raise invalid("worker", worker, "must be true or false")
-        return cls(partition_id, num_partitions, **paths, worker=worker)
-
-    def apply(self, config: RunConfig) -> RunConfig:
-        """The run config as this node sees it (node-level paths replace run-level ones)."""
-        paths = {"data_dir": self.data_dir, "store_dir": self.store_dir}
-        return config.replace(**{name: value for name, value in paths.items() if value is not None})
-
-
 def _key(field_name: str) -> str:
     return field_name.replace("_", "-")
 
 
-def _field_name(key: str) -> str:
+def field_name(key: str) -> str:
     return key.replace("-", "_")
 
 
-def _as_int(key: str, value: Any) -> int:
+def as_int(key: str, value: Any) -> int:
     if isinstance(value, bool) or not isinstance(value, (int, float)) or int(value) != value:
         raise invalid(key, value, "must be an integer")
     return int(value)
@@ -330,7 +317,7 @@ def _coerce(field: dataclasses.Field, value: Any) -> Any:
     """Check a value against the field's declared type (int, float or str)."""
     key = _key(field.name)
     if field.type == "int":
-        return _as_int(key, value)
+        return as_int(key, value)
     if field.type == "float":
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise invalid(key, value, "must be a number")

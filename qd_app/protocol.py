@@ -25,6 +25,11 @@ DISTILL = "distill"  # local SGD that also distils the data into the client's st
 UNLEARN = "unlearn"  # gradient ascent on the forget data
 RECOVER = "recover"  # SGD on the retain data
 RELEARN = "relearn"  # SGD with relearned classes or clients back in
+# HDUS (decentralised: one model per client, the server only relays)
+SEED = "seed"  # train.seed: train the client's main model, distil its seed model; reply: the seed model
+KEEP_SEEDS = "keep_seeds"  # evaluate.keep_seeds: keep the neighbours' seed models the message carries
+DROP_SEEDS = "drop_seeds"  # evaluate.drop_seeds: delete forgotten clients' seed models (a forgotten client: its state)
+ENSEMBLE = "ensemble"  # evaluate.ensemble: test accuracy of the main model alone and of the ensemble
 # query.<action>
 ACTIVATION_STATS = "activation_stats"  # FU-MP: per-class activation sums of the prunable units
 
@@ -41,6 +46,7 @@ EVALUATE = MessageType.EVALUATE  # accuracy on the client's own training data
 # ----------------------------------------------------------------- record names
 ARRAYS = "arrays"
 CONFIG = "config"
+DESCRIPTION = "description"  # what a reply's model is (HDUS: the main model's architecture)
 METRICS = "metrics"
 INVENTORY = "inventory"
 STATISTICS = "statistics"
@@ -70,6 +76,11 @@ FORGET_CLASSES = "forget-classes"
 FORGET_EVERYTHING = "forget-everything"  # client-level: every sample of the source is forget data
 UNSEEN_LOSS_QUANTILES = "unseen-loss-quantiles"  # per-class loss quantiles on unseen data: client-level ascent's goal
 PRUNE_TARGET = "prune-target"  # FU-MP: features or channels
+# HDUS: the run settings of the same names, and the partitions whose seed models are deleted
+HDUS_SETTINGS = ("hdus-seed-model", "hdus-reference", "hdus-reference-size", "hdus-lambda", "hdus-temperature",
+                 "hdus-epochs", "hdus-distill-epochs", "hdus-distill-lr")
+DROP_PARTITIONS = "drop-partitions"
+MAIN_MODEL = "main-model"  # the architecture of a client's main model (in a seed reply's ConfigRecord)
 
 # ----------------------------------------------------------------- MetricRecord keys
 NUM_EXAMPLES = "num-examples"  # aggregation weight: the size of the data the client used
@@ -82,6 +93,15 @@ STORE_BYTES = "store-bytes"
 CORRECT = "correct"
 ACCURACY = "accuracy"
 COUNTS = "counts"  # FU-MP: samples per class
+MAIN_ACCURACY = "main-accuracy"  # HDUS: test accuracy of the client's main model alone
+ENSEMBLE_ACCURACY = "ensemble-accuracy"  # HDUS: test accuracy of the client's ensemble
+CLASS_CORRECT = "class-correct"  # HDUS: the ensemble's correct test predictions per class
+SEEDS_HELD = "seeds-held"  # HDUS: the partitions whose seed models a client holds
+
+
+def seed_record(partition_id: int) -> str:
+    """HDUS: the name of the ArrayRecord that carries one partition's seed model."""
+    return f"seed-{partition_id}"
 
 
 def layer_key(index: int) -> str:

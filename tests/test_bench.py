@@ -165,16 +165,22 @@ def test_client_targets_are_named_by_partition_size_and_class_targets_by_class()
 def test_per_target_tables_name_each_seeds_target_and_show_the_fit_gap():
     suite = SUITES["client-level"]
     per_seed = seeds()
-    for seed, client in zip(per_seed, (7, 3)):
+    for seed, client, retrain_unseen in zip(per_seed, (7, 3), (0.975, 0.90)):
         seed["target"] = f"client {client} (100 samples)"
-        for method, gap in (("retrain", 0.0), ("quickdrop", 0.02)):
-            seed["methods"][method].update({"fit-gap": gap, "tug-of-war": 1.0, "kl-vs-retrain": 0.0})
+        for method, gap, unseen in (("retrain", 0.0, retrain_unseen), ("quickdrop", 0.02, 0.98)):
+            seed["methods"][method].update({"fit-gap": gap, "tug-of-war": 1.0, "kl-vs-retrain": 0.0,
+                                            "accuracy": {"unseen": unseen}})
+        seed["methods"]["quickdrop"]["trained-unseen"] = 0.98
     report = {"command": "c", "machine": "m", "seeds": [0, 1], "settings": suite.settings,
               "variants": {"non-IID, largest client": {"seeds": per_seed,
                                                        "summary": summarise(per_seed, ("retrain", "quickdrop"))}}}
     table = markdown(suite, report)
     assert "### non-IID, largest client\n\nseed 0: client 7 (100 samples); seed 1: client 3 (100 samples)" in table
     assert "| F-Set − test on its classes |" in table and table.count("| 2.00 ± 0.00 % |") == 1
+    # seed 0: retraining loses 0.5 points, so F-Set, MIA and ToW are judged; seed 1: it loses 8 points, so the
+    # client's data was irreplaceable and only the fit-gap (2 points here) is judged
+    assert "| 0 | client 7 (100 samples) | 1.00 / 0.00 | 97.00 / 98.00 | 1.00 / 1.00 | 1.000 | 0.50 |" in table
+    assert "| 1 | client 3 (100 samples) |" in table and "| 8.00 | 2.00 / 0.00 | 200x | met |" in table
 
 
 def test_the_command_line_refuses_a_method_or_variant_the_suite_does_not_have(capsys):

@@ -7,10 +7,11 @@ from pathlib import Path
 
 import pytest
 
-from qd_app.config import DATASET_NAMES, MODEL_NAMES, NodeSettings, RunConfig
+from qd_app.config import ARCHITECTURES, DATASET_NAMES, MODEL_NAMES, RunConfig
 from qd_app.core.data import DATASETS
-from qd_app.errors import ConfigError
 from qd_app.core.models import MODEL_BUILDERS
+from qd_app.errors import ConfigError
+from qd_app.node_config import NodeSettings
 
 PYPROJECT = Path(__file__).resolve().parents[1] / "pyproject.toml"
 
@@ -25,7 +26,7 @@ def test_pyproject_holds_every_setting_with_the_dataclass_default():
 
 def test_registries_match_the_allowed_names():
     assert set(DATASETS) == set(DATASET_NAMES)
-    assert set(MODEL_BUILDERS) == set(MODEL_NAMES)
+    assert set(MODEL_BUILDERS) == set(MODEL_NAMES) | {family for family, _, _ in ARCHITECTURES.values()}
 
 
 @pytest.mark.parametrize(
@@ -44,6 +45,13 @@ def test_registries_match_the_allowed_names():
         ("output-dir", "out", "output-dir='out': must be an absolute path"),
         ("experiment", "../escape", "experiment='../escape': must be a folder name"),
         ("model-norm", "layer", "model-norm='layer': must be one of instance, batch, none"),
+        ("client-models", "convnet-s,resnet", "client-models='convnet-s,resnet': must be architecture names "
+         "separated by ',' (one per partition, cycled), each one of convnet-s, convnet-m, convnet-l, mlp"),
+        ("hdus-seed-model", "convnet", "hdus-seed-model='convnet': must be one of convnet-s, convnet-m"),
+        ("hdus-reference", "imagenet", "hdus-reference='imagenet': must be one of holdout, other, noise"),
+        ("hdus-topology", "star", "hdus-topology='star': must be one of ring, regular, full"),
+        ("hdus-lambda", 1.5, "hdus-lambda=1.5: must be in [0, 1]"),
+        ("hdus-degree", 1, "hdus-degree=1: must be >= 2"),
     ],
 )
 def test_bad_setting_names_the_key_and_what_is_allowed(key, value, expected):
@@ -80,6 +88,8 @@ def test_empty_paths_default_under_the_cache(monkeypatch, tmp_path):
         ({"partition-id": 3, "num-partitions": 3}, "partition-id=3: must be in [0, 2]"),
         ({"num-partitions": 3}, "node_config has no partition-id"),
         ({"partition-id": 0, "num-partitions": 2, "data-dir": "rel"}, "data-dir='rel': must be an absolute path"),
+        ({"partition-id": 0, "num-partitions": 2, "client-model": "vgg"}, "client-model='vgg': must be one of "
+         "convnet-s, convnet-m, convnet-l, mlp"),
     ],
 )
 def test_bad_node_config_is_refused(node_config, expected):
@@ -91,6 +101,14 @@ def test_bad_node_config_is_refused(node_config, expected):
 def test_node_data_dir_replaces_the_run_setting(tmp_path):
     node = NodeSettings.from_node_config({"partition-id": 1, "num-partitions": 2, "data-dir": str(tmp_path)})
     assert node.apply(RunConfig()).data_path == tmp_path
+
+
+def test_client_models_cycle_over_partitions_and_a_node_names_its_own():
+    config = RunConfig(client_models="convnet-s, convnet-l,mlp")
+    assert [config.client_model(p) for p in range(5)] == ["convnet-s", "convnet-l", "mlp", "convnet-s", "convnet-l"]
+    assert RunConfig().client_model(3) is None
+    node = NodeSettings.from_node_config({"partition-id": 1, "num-partitions": 4, "client-model": "mlp"})
+    assert node.apply(config).client_model(node.partition_id) == "mlp"
 
 
 @pytest.mark.parametrize("preset", sorted((PYPROJECT.parent / "presets").glob("*.toml")), ids=lambda p: p.name)

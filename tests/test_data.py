@@ -12,8 +12,9 @@ import torch
 import torchvision
 from conftest import pattern_images, write_idx_dataset
 
-from qd_app.config import NodeSettings, RunConfig
+from qd_app.config import RunConfig
 from qd_app.core.data import DATASETS, client_train_data, dirichlet_partition, iid_partition, load_split
+from qd_app.node_config import NodeSettings
 
 
 def test_mnist_reader_reads_idx_files_and_normalises(tiny_mnist_dir):

@@ -53,12 +53,12 @@ def federation(flwr_home, tmp_path_factory):
     assert not any(process.alive() for process in processes)
 
 
-def flwr_run(folder: Path, flwr_home: Path, **settings) -> dict:
+def flwr_run(folder: Path, flwr_home: Path, connection: str = "qd-local", **settings) -> dict:
     """``flwr run`` on the federation with the small settings and ``settings`` (underscores for dashes)."""
     merged = {"output-dir": str(folder / "outputs"), "data-dir": str(folder / "data"), "experiment": "e2e", **SMALL,
               **{key.replace("_", "-"): value for key, value in settings.items()}}
     text = " ".join(f"{key}={value!r}" if isinstance(value, str) else f"{key}={value}" for key, value in merged.items())
-    run, log = run_app("qd-local", text, flwr_home, timeout=900)
+    run, log = run_app(connection, text, flwr_home, timeout=900)
     run["log"] = log
     return run
 
@@ -131,6 +131,35 @@ def test_a_node_lost_in_a_stage_is_recorded_and_a_request_that_needs_it_waits(fe
     assert done.state == "served" and [a["outcome"] for a in done.attempts] == ["failed", "served"]
 
 
+def test_hdus_nodes_of_different_architectures_serve_a_later_client_request_from_their_repositories(
+        flwr_home, tmp_path):
+    folder = tmp_path / "hdus"
+    up = ["federation", "up", "--nodes", str(NODES), "--dir", str(folder), "--name", "qd-hdus",
+          "--client-models", "convnet-s,mlp,convnet-m"]
+    assert qd_app(up) == 0
+    try:
+        hdus = {"method": "hdus", "forget_class": "", "hdus_epochs": 1, "hdus_distill_epochs": 2,
+                "hdus_reference_size": 500}
+        trained = flwr_run(folder, flwr_home, connection="qd-hdus", phase="train", **hdus)
+        assert trained["status"] == "finished:completed", trained["log"][-3000:]
+        record = json.loads((folder / "outputs" / "e2e" / "results.json").read_text())
+        assert record["stages"][0]["details"]["main-models"] == {"0": "convnet-s", "1": "mlp", "2": "convnet-m"}
+        assert qd_app(["federation", "down", "--dir", str(folder), "--node", "0", "--node", "1", "--node", "2"]) == 0
+        assert qd_app(up) == 0  # new SuperNode processes: the repositories are on their disks
+        assert qd_app(["requests", "submit", "--forget-client", "1", "--output-dir", str(folder / "outputs"),
+                       "--experiment", "e2e"]) == 0
+        served = flwr_run(folder, flwr_home, connection="qd-hdus", phase="serve", **hdus)
+        assert served["status"] == "finished:completed", served["log"][-3000:]
+        [request] = Ledger(folder / "outputs" / "e2e").requests()
+        assert request.state == "served" and request.request.label == "client 1"
+        unlearn = json.loads((folder / "outputs" / "e2e" / "results.json").read_text())["stages"][-1]
+        assert unlearn["name"] == "unlearn" and unlearn["sample-gradients"] == 0
+        assert unlearn["details"]["seeds-held"] == [[2], [0]]  # partitions 0 and 2 keep each other's only
+        assert not list((folder / "node-1" / "store").rglob("*.hdus"))  # client 1 deleted its own state
+    finally:
+        assert qd_app(["federation", "down", "--dir", str(folder)]) == 0
+
+
 def test_a_secure_federation_refuses_a_node_whose_key_it_does_not_know(flwr_home, tmp_path):
     folder = tmp_path / "secure"
     assert qd_app(["federation", "up", "--nodes", "2", "--dir", str(folder), "--secure", "--name", "qd-secure"]) == 0
@@ -169,6 +198,8 @@ def test_bad_input_to_federation_says_what_was_wrong_and_starts_nothing(tmp_path
         (["up", "--nodes", "2", "--dir", str(tmp_path / "a"), "--port", str(port)],
          f"port {port} \\(superlink\\) is in use: choose another --port"),
         (["up", "--nodes", "2", "--dir", str(tmp_path / "a"), "--port", "80"], "--port=80: must leave room"),
+        (["up", "--nodes", "2", "--dir", str(tmp_path / "a"), "--client-models", "mlp,resnet"],
+         "--client-models='mlp,resnet': architecture names separated by ','"),
         (["status", "--dir", str(tmp_path / "a")], "no federation in .*: start one with qd-app federation up"),
         (["down", "--dir", str(tmp_path / "a")], "no federation in"),
     ]

@@ -17,9 +17,10 @@ from test_apps import tiny_run_config
 from qd_app import protocol
 from qd_app.client.remote import worker_place
 from qd_app.client_app import app as client_app
-from qd_app.config import NodeSettings, RunConfig
+from qd_app.config import RunConfig
 from qd_app.core.models import ModelSpec, build_model
 from qd_app.deploy import supernode
+from qd_app.node_config import NodeSettings
 
 
 def test_packed_arrays_come_back_exactly():

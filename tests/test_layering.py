@@ -113,7 +113,7 @@ def test_every_registered_method_is_a_module_of_its_own_and_answers_to_its_name(
 @pytest.mark.parametrize(
     ("setting", "message"),
     [
-        ("fedsgd", "must be one of quickdrop, retrain, sga, federaser, fu-mp, s2u, ispf, ispf-is, ispf-pf, gkt, blockf, or the import path"),
+        ("fedsgd", "must be one of quickdrop, retrain, sga, federaser, fu-mp, s2u, ispf, ispf-is, ispf-pf, gkt, blockf, hdus, or the import path"),
         ("no_such_package.module:Method", "cannot import no_such_package.module:Method"),
         ("qd_app.methods.quickdrop:Missing", "cannot import qd_app.methods.quickdrop:Missing"),
         ("qd_app.methods.quickdrop:UnlearnStrategy", "is not an UnlearningMethod subclass"),

@@ -67,7 +67,7 @@ def test_truncated_or_altered_store_is_refused(tmp_path):
 
 
 def test_missing_store_says_to_train_first(tmp_path):
-    with pytest.raises(StoreError, match="no synthetic store at .*run the training phase"):
+    with pytest.raises(StoreError, match="no client store at .*run the training phase"):
         load_store(store_path(tmp_path, "e", 0))
 
 

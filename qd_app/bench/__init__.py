@@ -11,7 +11,8 @@ run's results.json, measures the final models (membership inference, tug-of-war 
 output KL against Retrain-Or) and writes ``<out>/<suite>.json``, ``<suite>.md`` and
 ``<suite>.png``. Retrain-Or runs with the training stage's own settings.
 
-The suites are in :mod:`~qd_app.bench.suites`, running them in
-:mod:`~qd_app.bench.runner`, the tables in :mod:`~qd_app.bench.report` and the
+The ``decentralized`` suite compares HDUS, which has no global model, with FedAvg and
+QuickDrop (:mod:`~qd_app.bench.decentralized`). The suites are in
+:mod:`~qd_app.bench.suites`, running them in :mod:`~qd_app.bench.runner`, the tables in :mod:`~qd_app.bench.report` and the
 figures in :mod:`~qd_app.bench.plots`.
 """

@@ -19,6 +19,7 @@ from ..config import RunConfig
 from ..deploy.processes import staged_app
 from ..errors import UserFacingError
 from . import __doc__ as OVERVIEW
+from . import decentralized
 from .plots import plot
 from .report import markdown, summarise
 from .runner import run_seed
@@ -29,7 +30,7 @@ from .superlink import PROJECT, DeploymentLink, Link, SimulationSuperLink
 def main(argv: list[str] | None = None) -> int:
     """Run suites and write each one's JSON, Markdown tables and plot."""
     parser = argparse.ArgumentParser(prog="python -m qd_app.bench", description=OVERVIEW.split("\n\n")[0])
-    parser.add_argument("suites", nargs="+", choices=sorted(SUITES), metavar="suite",
+    parser.add_argument("suites", nargs="*", metavar="suite",
                         help=f"one or more of {', '.join(sorted(SUITES))}; suites of one invocation with the same "
                              "training settings share the training of each seed")
     parser.add_argument("--quick", action="store_true", help="one seed")
@@ -45,7 +46,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--resume", action="store_true",
                         help="take each seed an earlier, interrupted invocation of the same suite, settings and "
                              "methods finished from the scratch folder instead of running it again")
+    parser.add_argument("--render", type=Path, metavar="JSON",
+                        help="write the tables and figure of an earlier report again (beside it), with this "
+                             "version's tables; runs nothing")
     args = parser.parse_args(argv)
+    if args.render:
+        return _render(parser, args.render)
+    unknown = [name for name in args.suites if name not in SUITES]
+    if unknown or not args.suites:
+        parser.error(f"{'unknown suite ' + ', '.join(unknown) if unknown else 'no suite named'}: name one or more of "
+                     f"{', '.join(sorted(SUITES))}, or --render a report")
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # so the SuperLink and Ray head are stopped
     suites = [_selected(parser, SUITES[name], args) for name in dict.fromkeys(args.suites)]
     seeds = list(range(1 if args.quick else args.seeds))
@@ -99,6 +109,9 @@ def _run_suite(suite: Suite, args: argparse.Namespace, seeds: list[int], trainin
         with link:
             per_seed = [_seed_results(link, suite, overrides, seed, folder, trainings, args.resume, report)
                         for seed in seeds]
+        if suite.decentralized:  # its own tables (qd_app.bench.decentralized)
+            report["variants"][variant] = {"seeds": per_seed}
+            continue
         for target in per_seed[0]:
             results = [by_target[target] for by_target in per_seed]
             name = ", ".join(filter(None, (variant, target)))
@@ -130,9 +143,25 @@ def _seed_results(link: Link, suite: Suite, overrides: dict[str, Any], seed: int
         print(f"  seed {seed}: results of an earlier invocation ({saved})", flush=True)
         report.setdefault("resumed", []).append(str(saved))
         return earlier["results"]
-    results = run_seed(link, suite, overrides, seed, folder / f"seed-{seed}", suite.methods, trainings)
+    if suite.decentralized:
+        results = decentralized.run_seed(link, suite, seed, folder / f"seed-{seed}")
+    else:
+        results = run_seed(link, suite, overrides, seed, folder / f"seed-{seed}", suite.methods, trainings)
     atomic_write_text(saved, json.dumps({"key": key, "results": results}, indent=1, default=str) + "\n")
     return results
+
+
+def _render(parser: argparse.ArgumentParser, path: Path) -> int:
+    """The Markdown tables and figure of a report JSON, written beside it."""
+    try:
+        report = json.loads(path.read_text())
+        suite = replace(SUITES[report["suite"]], settings=report["settings"], methods=tuple(report["methods"]))
+    except (OSError, ValueError, KeyError) as exc:
+        parser.error(f"--render {path}: not a report of this benchmark ({exc})")
+    path.with_suffix(".md").write_text(markdown(suite, report))
+    plot(suite, report, path.with_suffix(".png"))
+    print(f"wrote {path.with_suffix('.md')} and {path.with_suffix('.png').name}", flush=True)
+    return 0
 
 
 def _setting(text: str) -> tuple[str, Any]:

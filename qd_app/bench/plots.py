@@ -5,7 +5,9 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from ..config import RunConfig
 from ..server.evaluation import RoundRecord
+from .decentralized import draw
 from ..server.results import draw_class_accuracy
 from .report import method_title, variant_summary
 from .suites import Suite
@@ -75,7 +77,10 @@ def plot(suite: Suite, report: dict[str, Any], path: Path) -> None:
     matplotlib.use("Agg")
     from matplotlib import pyplot as plt  # pylint: disable=import-outside-toplevel
 
-    figure = _sequence_figure(plt, report) if suite.sequence else _bars_figure(plt, suite, report)
+    if suite.decentralized:
+        figure = draw(plt, report, RunConfig.from_run_config(report["settings"]).hdus_lambda)
+    else:
+        figure = _sequence_figure(plt, report) if suite.sequence else _bars_figure(plt, suite, report)
     figure.tight_layout()
     figure.savefig(path, dpi=110)
     plt.close(figure)

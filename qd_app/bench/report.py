@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import math
-import statistics
 from typing import Any
 
+from ..config import RunConfig
 from ..methods import resolve_method
+from .decentralized import markdown_lines
+from .numbers import cell, mean_std
 from .suites import Suite, config_text
 
 
@@ -14,16 +16,9 @@ from .suites import Suite, config_text
 OPTIONAL_COLUMNS = (("fit-gap", "F-Set − test on its classes", True, 2), ("anamnesis", "AIN", False, 2))
 
 
-def _mean_std(values: list[float]) -> tuple[float, float]:
-    values = [v for v in values if v is not None and not (isinstance(v, float) and math.isnan(v))]
-    if not values:
-        return math.nan, math.nan
-    return statistics.fmean(values), statistics.pstdev(values) if len(values) > 1 else 0.0
-
-
 def _speedup(rows: list[dict[str, Any]], seeds: list[dict[str, Any]], key: str) -> tuple[float, float]:
     """How many times QuickDrop's ``key`` seconds fit in each row's, per seed (mean, spread)."""
-    return _mean_std([row[key] / seed["methods"]["quickdrop"][key] for row, seed in zip(rows, seeds)])
+    return mean_std([row[key] / seed["methods"]["quickdrop"][key] for row, seed in zip(rows, seeds)])
 
 
 def summarise(seeds: list[dict[str, Any]], methods: tuple[str, ...]) -> dict[str, dict[str, Any]]:
@@ -32,24 +27,24 @@ def summarise(seeds: list[dict[str, Any]], methods: tuple[str, ...]) -> dict[str
     for method in methods:
         rows = [seed["methods"][method] for seed in seeds]
         entry = {
-            "seconds": _mean_std([r["seconds"] for r in rows]),
-            "forget": _mean_std([r["forget"] for r in rows]),
-            "retain": _mean_std([r["retain"] for r in rows]),
-            "forget-after-unlearn": _mean_std([r["after"].get("unlearn", {}).get("forget-accuracy")
+            "seconds": mean_std([r["seconds"] for r in rows]),
+            "forget": mean_std([r["forget"] for r in rows]),
+            "retain": mean_std([r["retain"] for r in rows]),
+            "forget-after-unlearn": mean_std([r["after"].get("unlearn", {}).get("forget-accuracy")
                                                if "unlearn" in r["after"] else None for r in rows]),
-            "sample-gradients": _mean_std([r["sample-gradients"] for r in rows]),
-            "bytes": _mean_std([r["bytes"] for r in rows]),
-            "compute-seconds": _mean_std([r.get("compute-seconds") for r in rows]),
+            "sample-gradients": mean_std([r["sample-gradients"] for r in rows]),
+            "bytes": mean_std([r["bytes"] for r in rows]),
+            "compute-seconds": mean_std([r.get("compute-seconds") for r in rows]),
         }
         if "quickdrop" in methods:
             entry["quickdrop-speedup"] = _speedup(rows, seeds, "seconds")
         for key in ("mia", "kl-vs-retrain", "tug-of-war", *(key for key, *_ in OPTIONAL_COLUMNS)):
             if all(key in r for r in rows):
-                entry[key] = _mean_std([r[key] for r in rows])
+                entry[key] = mean_std([r[key] for r in rows])
         if all("relearn" in r for r in rows):
-            entry["relearn-forget"] = _mean_std([r["relearn"]["forget-accuracy"] for r in rows])
-            entry["relearn-retain"] = _mean_std([r["relearn"]["retain-accuracy"] for r in rows])
-            entry["relearn-seconds"] = _mean_std([r["relearn-seconds"] for r in rows])
+            entry["relearn-forget"] = mean_std([r["relearn"]["forget-accuracy"] for r in rows])
+            entry["relearn-retain"] = mean_std([r["relearn"]["retain-accuracy"] for r in rows])
+            entry["relearn-seconds"] = mean_std([r["relearn-seconds"] for r in rows])
             if "quickdrop" in methods:
                 entry["relearn-quickdrop-speedup"] = _speedup(rows, seeds, "relearn-seconds")
         summary[method] = entry
@@ -61,20 +56,14 @@ def method_title(method: str) -> str:
     return resolve_method(method).title
 
 
-def _cell(value: tuple[float, float], percent: bool = False, digits: int = 2) -> str:
-    mean, spread = value
-    if math.isnan(mean):
-        return "—"
-    scale = 100 if percent else 1
-    return f"{scale * mean:.{digits}f} ± {scale * spread:.{digits}f}" + (" %" if percent else "")
-
-
 def markdown(suite: Suite, report: dict[str, Any]) -> str:
     """The suite's tables in Markdown."""
     lines = [f"## {suite.title}", "", f"Command: `{report['command']}`  ", f"Machine: {report['machine']}  ",
              f"Seeds: {report['seeds']}; settings: `{config_text(report['settings'])}`", ""]
     if suite.by_variant:
         return "\n".join(lines + _variant_lines(suite, report)) + "\n"
+    if suite.decentralized:
+        return "\n".join(lines + markdown_lines(report, RunConfig.from_run_config(report["settings"]).hdus_lambda)) + "\n"
     for variant, result in report["variants"].items():
         if variant:
             lines += [f"### {variant}", ""]
@@ -87,16 +76,16 @@ def markdown(suite: Suite, report: dict[str, Any]) -> str:
             header += " MIA on forget set | ToW | KL vs Retrain-Or |" + "".join(f" {title} |" for _, title, *_ in optional)
         lines += [header, "|" + " --- |" * header.count("|", 1)]
         for method, entry in result["summary"].items():
-            line = (f"| {method_title(method)} | {_cell(entry['forget-after-unlearn'], True)} | "
-                    f"{_cell(entry['forget'], True)} | {_cell(entry['retain'], True)} | {_cell(entry['seconds'])} | "
-                    f"{_cell(entry.get('quickdrop-speedup', (math.nan, 0)), digits=1)}x | "
-                    f"{_cell(entry['sample-gradients'], digits=0)} | "
-                    f"{_cell((entry['bytes'][0] / 1e6, entry['bytes'][1] / 1e6))} |")
+            line = (f"| {method_title(method)} | {cell(entry['forget-after-unlearn'], True)} | "
+                    f"{cell(entry['forget'], True)} | {cell(entry['retain'], True)} | {cell(entry['seconds'])} | "
+                    f"{cell(entry.get('quickdrop-speedup', (math.nan, 0)), digits=1)}x | "
+                    f"{cell(entry['sample-gradients'], digits=0)} | "
+                    f"{cell((entry['bytes'][0] / 1e6, entry['bytes'][1] / 1e6))} |")
             if model_metrics:
-                line += (f" {_cell(entry.get('mia', (math.nan, 0)), True)} | "
-                         f"{_cell(entry.get('tug-of-war', (math.nan, 0)), digits=3)} | "
-                         f"{_cell(entry.get('kl-vs-retrain', (math.nan, 0)), digits=4)} |")
-                line += "".join(f" {_cell(entry.get(key, (math.nan, 0)), percent, digits)} |"
+                line += (f" {cell(entry.get('mia', (math.nan, 0)), True)} | "
+                         f"{cell(entry.get('tug-of-war', (math.nan, 0)), digits=3)} | "
+                         f"{cell(entry.get('kl-vs-retrain', (math.nan, 0)), digits=4)} |")
+                line += "".join(f" {cell(entry.get(key, (math.nan, 0)), percent, digits)} |"
                                 for key, _, percent, digits in optional)
             lines.append(line)
         if suite.relearn:
@@ -104,11 +93,12 @@ def markdown(suite: Suite, report: dict[str, Any]) -> str:
         if suite.deployment is not None:
             lines += _round_lines(result["seeds"])
         lines += _request_lines(result["seeds"])
-        train = _mean_std([s["train-seconds"] for s in result["seeds"]])
-        lines += ["", f"Training (QuickDrop, with distillation): {_cell(train, digits=1)} s; "
-                      f"FedEraser's stored updates: {_cell(_mean_std([s['federaser-bytes'] / 1e6 for s in result['seeds']]))} MB "
+        lines += _client_lines(result["seeds"])
+        train = mean_std([s["train-seconds"] for s in result["seeds"]])
+        lines += ["", f"Training (QuickDrop, with distillation): {cell(train, digits=1)} s; "
+                      f"FedEraser's stored updates: {cell(mean_std([s['federaser-bytes'] / 1e6 for s in result['seeds']]))} MB "
                       f"on the server; QuickDrop stores: "
-                      f"{_cell(_mean_std([sum(s['store-bytes']) / 1e6 for s in result['seeds']]))} MB over all clients.", ""]
+                      f"{cell(mean_std([sum(s['store-bytes']) / 1e6 for s in result['seeds']]))} MB over all clients.", ""]
     return "\n".join(lines) + "\n"
 
 
@@ -125,13 +115,13 @@ def variant_summary(suite: Suite, result: dict[str, Any]) -> dict[str, tuple[flo
     """Training cost and (with a method) the request's outcome of one variant of a sweep."""
     seeds = result["seeds"]
     row = {
-        "train-accuracy": _mean_std([s["train-accuracy"] for s in seeds]),
-        "train-seconds": _mean_std([s["train-seconds"] for s in seeds]),
-        "train-compute-seconds": _mean_std([s["train-compute-seconds"] for s in seeds]),
-        "train-distill-seconds": _mean_std([s["train-distill-seconds"] for s in seeds]),
-        "overhead": _mean_std([s["train-distill-seconds"] / s["train-compute-seconds"] for s in seeds
+        "train-accuracy": mean_std([s["train-accuracy"] for s in seeds]),
+        "train-seconds": mean_std([s["train-seconds"] for s in seeds]),
+        "train-compute-seconds": mean_std([s["train-compute-seconds"] for s in seeds]),
+        "train-distill-seconds": mean_std([s["train-distill-seconds"] for s in seeds]),
+        "overhead": mean_std([s["train-distill-seconds"] / s["train-compute-seconds"] for s in seeds
                                if s["train-compute-seconds"]]),
-        "store-mb": _mean_std([sum(s["store-bytes"]) / 1e6 for s in seeds]),
+        "store-mb": mean_std([sum(s["store-bytes"]) / 1e6 for s in seeds]),
     }
     if suite.methods:
         row.update({key: result["summary"][suite.methods[0]][key]
@@ -149,12 +139,12 @@ def _variant_lines(suite: Suite, report: dict[str, Any]) -> list[str]:
     lines = [header, "|" + " --- |" * header.count("|", 1)]
     for variant, result in report["variants"].items():
         row = variant_summary(suite, result)
-        line = (f"| {variant} | {_cell(row['train-accuracy'], True)} | {_cell(row['train-seconds'], digits=1)} | "
-                f"{_cell(row['train-compute-seconds'], digits=1)} | {_cell(row['train-distill-seconds'], digits=1)} | "
-                f"{_cell(row['overhead'], True, digits=1)} | {_cell(row['store-mb'])} |")
+        line = (f"| {variant} | {cell(row['train-accuracy'], True)} | {cell(row['train-seconds'], digits=1)} | "
+                f"{cell(row['train-compute-seconds'], digits=1)} | {cell(row['train-distill-seconds'], digits=1)} | "
+                f"{cell(row['overhead'], True, digits=1)} | {cell(row['store-mb'])} |")
         if suite.methods:
-            line += (f" {_cell(row['forget-after-unlearn'], True)} | {_cell(row['forget'], True)} | "
-                     f"{_cell(row['retain'], True)} | {_cell(row['seconds'])} | {_cell(row['compute-seconds'])} |")
+            line += (f" {cell(row['forget-after-unlearn'], True)} | {cell(row['forget'], True)} | "
+                     f"{cell(row['retain'], True)} | {cell(row['seconds'])} | {cell(row['compute-seconds'])} |")
         lines.append(line)
     return lines
 
@@ -165,9 +155,9 @@ def _relearn_lines(summary: dict[str, dict[str, Any]]) -> list[str]:
              "| method | F-Set after relearning | R-Set after relearning | seconds (relearn) | QuickDrop faster by |",
              "|" + " --- |" * 5]
     for method, entry in summary.items():
-        lines.append(f"| {method_title(method)} | {_cell(entry['relearn-forget'], True)} | "
-                     f"{_cell(entry['relearn-retain'], True)} | {_cell(entry['relearn-seconds'])} | "
-                     f"{_cell(entry.get('relearn-quickdrop-speedup', (math.nan, 0)), digits=1)}x |")
+        lines.append(f"| {method_title(method)} | {cell(entry['relearn-forget'], True)} | "
+                     f"{cell(entry['relearn-retain'], True)} | {cell(entry['relearn-seconds'])} | "
+                     f"{cell(entry.get('relearn-quickdrop-speedup', (math.nan, 0)), digits=1)}x |")
     return lines + ["", "MIA, ToW and KL are not measured in this suite: the final models have relearned the class."]
 
 
@@ -178,7 +168,7 @@ def _round_lines(seeds: list[dict[str, Any]]) -> list[str]:
         for stage in seeds[0]["methods"][method].get("round-seconds", {}):
             stages[f"{method_title(method)} {stage}"] = [seed["methods"][method]["round-seconds"][stage]
                                                          for seed in seeds]
-    return ["", "Seconds per round: " + "; ".join(f"{name} {_cell(_mean_std(values))}"
+    return ["", "Seconds per round: " + "; ".join(f"{name} {cell(mean_std(values))}"
                                                  for name, values in stages.items()) + "."]
 
 
@@ -196,10 +186,65 @@ def _request_lines(seeds: list[dict[str, Any]]) -> list[str]:
             rows = [requests[index] for requests in per_seed if index < len(requests)]
 
             def split(stage: str, key: str, rows=rows) -> str:
-                return _cell(_mean_std([(r.get(stage) or {}).get(key) for r in rows]), True)
+                return cell(mean_std([(r.get(stage) or {}).get(key) for r in rows]), True)
 
             lines.append(f"| {first['label']} | {split('before', 'forget-accuracy')} | "
                          f"{split('after-unlearn', 'forget-accuracy')} | {split('after-recover', 'forget-accuracy')} | "
                          f"{split('before', 'retain-accuracy')} | {split('after-recover', 'retain-accuracy')} | "
-                         f"{_cell(_mean_std([r['seconds'] for r in rows]))} |")
+                         f"{cell(mean_std([r['seconds'] for r in rows]))} |")
+    return lines
+
+
+# Retrain-Or this far below the trained model on the test images of a client's classes: the
+# client's data was irreplaceable (docs/benchmark.md, "Client-level unlearning")
+IRREPLACEABLE = 0.015
+
+
+def client_misses(quickdrop: dict[str, Any], retrain: dict[str, Any]) -> list[str]:
+    """The lines of the client-level bar QuickDrop misses for one client and seed (empty: met):
+    R-Set at most 1.5 points below Retrain-Or's, at least 50x faster, and either F-Set within
+    3 points, MIA within 5 and ToW at least 0.95, or, where the client's data was irreplaceable,
+    its data fitting like unseen data as closely as under Retrain-Or (fit-gap within 3 points)."""
+    misses = []
+    if quickdrop["retain"] < retrain["retain"] - 0.015:
+        misses.append("R-Set")
+    if retrain["seconds"] < 50 * quickdrop["seconds"]:
+        misses.append("speed")
+    if retrain_loss(quickdrop, retrain) > IRREPLACEABLE:
+        return misses + (["fit-gap"] if abs(quickdrop["fit-gap"] - retrain["fit-gap"]) > 0.03 else [])
+    checks = {"F-Set": abs(quickdrop["forget"] - retrain["forget"]) <= 0.03,
+              "MIA": abs(quickdrop["mia"] - retrain["mia"]) <= 0.05, "ToW": quickdrop["tug-of-war"] >= 0.95}
+    return misses + [line for line, held in checks.items() if not held]
+
+
+def retrain_loss(quickdrop: dict[str, Any], retrain: dict[str, Any]) -> float:
+    """How much retraining without the client loses on the test images of its classes. The
+    trained model's accuracy there is measured (``trained-unseen``) or, in reports without it,
+    QuickDrop's when it took no step (its model is then the trained model)."""
+    trained = quickdrop.get("trained-unseen")
+    if trained is None:
+        trained = quickdrop["accuracy"]["unseen"] if quickdrop["sample-gradients"] == 0 else math.nan
+    return trained - retrain["accuracy"]["unseen"]
+
+
+def _client_lines(seeds: list[dict[str, Any]]) -> list[str]:
+    """Per seed, QuickDrop against Retrain-Or on one client, and the bar's verdict."""
+    if not all({"quickdrop", "retrain"} <= set(s["methods"]) and "fit-gap" in s["methods"]["quickdrop"]
+               for s in seeds):
+        return []
+    lines = ["", "Per seed, QuickDrop / Retrain-Or (loss: Retrain-Or below the trained model on the test images "
+             "of the client's classes; above 1.5 points the client's data was irreplaceable and F-Set is judged "
+             "by the fit-gap):", "", "| seed | client | F-Set | R-Set | MIA | ToW | loss | fit-gap | faster by | bar |",
+             "|" + " --- |" * 10]
+    for seed in seeds:
+        quickdrop, retrain = seed["methods"]["quickdrop"], seed["methods"]["retrain"]
+        misses = client_misses(quickdrop, retrain)
+
+        def pair(key: str) -> str:
+            return f"{100 * quickdrop[key]:.2f} / {100 * retrain[key]:.2f}"
+
+        lines.append(f"| {seed['seed']} | {seed['target']} | {pair('forget')} | {pair('retain')} | {pair('mia')} | "
+                     f"{quickdrop['tug-of-war']:.3f} | {100 * retrain_loss(quickdrop, retrain):.2f} | "
+                     f"{pair('fit-gap')} | {retrain['seconds'] / quickdrop['seconds']:.0f}x | "
+                     f"{'missed: ' + ', '.join(misses) if misses else 'met'} |")
     return lines

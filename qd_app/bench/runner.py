@@ -25,7 +25,7 @@ def _load_results(output_dir: Path) -> dict[str, Any]:
     return json.loads((output_dir / EXPERIMENT / "results.json").read_text())
 
 
-def _run(link: Link, suite: Suite, settings: dict[str, Any], label: str) -> dict[str, Any]:
+def run_logged(link: Link, suite: Suite, settings: dict[str, Any], label: str) -> dict[str, Any]:
     started = time.perf_counter()
     print(f"  [{time.strftime('%H:%M:%S')}] {label} ...", flush=True)
     run, log = link.run_app(config_text(settings), suite.clients)
@@ -109,7 +109,8 @@ def _anamnesis(config: RunConfig, trained_file: Path, models: dict[str, torch.nn
 def _model_metrics(config: RunConfig, suite: Suite, request: dict[str, str], model_files: dict[str, Path],
                    trained_file: Path) -> dict[str, dict[str, float]]:
     """MIA on the forget set, and KL / tug-of-war against Retrain-Or, for every method's final model;
-    for a client, also how much better its data fits than test images of its classes (``fit-gap``);
+    for a client, also how much better its data fits than test images of its classes (``fit-gap``)
+    and the trained model's accuracy on those test images (``trained-unseen``);
     with ``suite.anamnesis``, the Anamnesis Index of a class request."""
     train = load_split(config.dataset, config.data_path, True)
     test = evaluation_split(config)
@@ -128,11 +129,22 @@ def _model_metrics(config: RunConfig, suite: Suite, request: dict[str, str], mod
     members = torch.nonzero(retain_mask).flatten()
     members = members[torch.randperm(len(members), generator=generator)[:MIA_MEMBERS]]
     forget = train.subset(forget_index)
+    num_classes = DATASET_CLASSES[config.dataset]
+    class_mix = torch.tensor(forget.class_counts(num_classes), dtype=torch.double) / len(forget)
+
+    def unseen(predictions: torch.Tensor) -> float:
+        """Test accuracy of each class, weighted as the client's data holds them."""
+        per_class = [float((predictions == test.labels)[test.labels == c].double().mean()) for c in range(num_classes)]
+        return float((class_mix * torch.tensor(per_class, dtype=torch.double)).sum())
+
     all_outputs, models = {}, {}
     for method, path in model_files.items():
         model = models[method] = _load_model(config, path)
         all_outputs[method] = {name: logits(model, images, config.eval_batch_size) for name, images in
                                (("members", train.images[members]), ("test", test.images), ("forget", forget.images))}
+    if client_request:  # the trained model on the test images of the client's classes
+        trained_unseen = unseen(logits(_load_model(config, trained_file), test.images,
+                                       config.eval_batch_size).argmax(1))
     metrics = {}
     for method, outputs in all_outputs.items():
         predictions = outputs["test"].argmax(1)
@@ -141,12 +153,8 @@ def _model_metrics(config: RunConfig, suite: Suite, request: dict[str, str], mod
             "retain": float((predictions == test.labels)[~test_forget].double().mean()),
             "test": float((predictions == test.labels).double().mean()),
         }
-        if client_request:  # the test accuracy of each class, weighted as the client's data holds them
-            num_classes = DATASET_CLASSES[config.dataset]
-            class_mix = torch.tensor(forget.class_counts(num_classes), dtype=torch.double) / len(forget)
-            per_class = [float((predictions == test.labels)[test.labels == c].double().mean())
-                         for c in range(num_classes)]
-            accuracy["unseen"] = float((class_mix * torch.tensor(per_class, dtype=torch.double)).sum())
+        if client_request:
+            accuracy["unseen"] = unseen(predictions)
         metrics[method] = {
             "mia": membership_inference((outputs["members"], train.labels[members]),
                                         (outputs["test"], test.labels), (outputs["forget"], forget.labels),
@@ -155,6 +163,7 @@ def _model_metrics(config: RunConfig, suite: Suite, request: dict[str, str], mod
         }
         if client_request:
             metrics[method]["fit-gap"] = accuracy["forget"] - accuracy["unseen"]
+            metrics[method]["trained-unseen"] = trained_unseen
     if suite.anamnesis and not client_request:
         indices = _anamnesis(config, trained_file, models, forget, test.subset(torch.nonzero(test_forget).flatten()))
         for method, index in indices.items():
@@ -175,7 +184,7 @@ def run_seed(link: Link, suite: Suite, variant: dict[str, Any], seed: int, work:
     if key not in trainings:
         trained = work / "train"
         settings = {**training_settings, "store-dir": str(work / "stores"), "phase": "train", "output-dir": str(trained)}
-        trainings[key] = (work, _run(link, suite, settings, f"seed {seed}: training"))
+        trainings[key] = (work, run_logged(link, suite, settings, f"seed {seed}: training"))
     trained_work, training = trainings[key]
     base = {**training_settings, "store-dir": str(trained_work / "stores")}
     config = RunConfig.from_run_config(base)
@@ -195,9 +204,9 @@ def run_seed(link: Link, suite: Suite, variant: dict[str, Any], seed: int, work:
             shutil.copytree(trained_work / "train", output)
             settings = {**base, **request, "phase": "unlearn", "method": method, "output-dir": str(output)}
             title = f"seed {seed}: {' '.join(filter(None, (label, method)))}"
-            results = _run(link, suite, settings, title)
+            results = run_logged(link, suite, settings, title)
             if suite.relearn:
-                results = _run(link, suite, {**settings, "phase": "relearn", "forget-class": "", "forget-client": ""},
+                results = run_logged(link, suite, {**settings, "phase": "relearn", "forget-class": "", "forget-client": ""},
                                f"{title} relearning")
             rows[method] = method_row(results, suite.relearn)
             if suite.sequence:

@@ -33,6 +33,7 @@ class Suite:
     # "simulation", or a real federation on this machine (`qd-app federation up`) with these
     # options per variant: `plain` runs Flower's own SuperNode and Grid, for comparison
     deployment: dict[str, dict[str, Any]] | None = None
+    decentralized: bool = False  # HDUS against main models alone and FedAvg (qd_app.bench.decentralized)
 
 
 SCALES = (1, 10, 50, 100, 200, 1000)
@@ -72,6 +73,9 @@ SUITES = {
               COMMON, ("retrain", "quickdrop"), {"forget-class": "9"}, clients=3,
               variants={"qd-app": {}, "Flower's defaults": {}},
               deployment={"qd-app": {}, "Flower's defaults": {"plain": True}}),
+        Suite("decentralized", "Decentralized client unlearning: HDUS against main models alone and FedAvg",
+              {key: value for key, value in COMMON.items() if key != "federaser-interval"}, ("hdus", "quickdrop"),
+              {"forget-class": "", "forget-client": "0"}, decentralized=True),
     )
 }
 

@@ -20,6 +20,9 @@ def add_parser(subcommands: argparse._SubParsersAction) -> None:
     up.add_argument("--secure", action="store_true", help="TLS and SuperNode authentication")
     up.add_argument("--plain", action="store_true",
                     help="Flower's own SuperNode and Grid, without the app's shorter rounds (a baseline)")
+    up.add_argument("--client-models", default="", metavar="A,B,...",
+                    help="HDUS: the SuperNodes' main-model architectures, cycled over them (node config "
+                         "client-model), e.g. convnet-s,mlp,convnet-l")
     up.add_argument("--port", type=int, default=0,
                     help="first of N+1 consecutive ports (SuperLink, then each SuperNode); default: free ones")
     down = actions.add_parser("down", parents=[folder], help="stop the federation's processes and their children")
@@ -36,7 +39,7 @@ def run(args: argparse.Namespace) -> int:
         if not args.secure:
             print("qd-app: insecure mode (plain HTTP, any SuperNode may join): for loopback only; use --secure "
                   "on a network")
-        state = federation.up(args.nodes, args.name, args.secure, args.port, args.plain)
+        state = federation.up(args.nodes, args.name, args.secure, args.port, args.plain, args.client_models)
         print(f"federation {state.name!r} up: SuperLink {state.address}, {len(state.nodes)} SuperNodes "
               f"({'TLS, authenticated nodes' if state.secure else 'insecure'}); run the app with: "
               f"flwr run . {state.name} --stream")

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from flwr.app import Context, RecordDict
 
-from ..config import NodeSettings
+from ..node_config import NodeSettings
 from .remote import run_remote
 
 

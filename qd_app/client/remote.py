@@ -31,8 +31,9 @@ from typing import Any
 from flwr.app import Array, ArrayRecord, ConfigRecord, MetricRecord, RecordDict
 
 from .. import errors
-from ..config import NodeSettings, RunConfig
+from ..config import RunConfig
 from ..errors import UserFacingError
+from ..node_config import NodeSettings
 
 START_TIMEOUT_S = 180.0  # a worker starting beside others on a small machine
 IDLE_SECONDS = 1800.0

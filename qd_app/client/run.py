@@ -17,11 +17,12 @@ from flwr.app import ArrayRecord, ConfigRecord, Context
 from torch import nn
 
 from .. import protocol
-from ..config import NodeSettings, RunConfig
+from ..config import RunConfig
 from ..core.data import LabeledImages, client_train_data, dataset_spec
 from ..core.distillation import SyntheticSet
 from ..core.models import ModelSpec, build_model
 from ..core.training import resolve_device, seeded_generator
+from ..node_config import NodeSettings
 from ..core.unlearning import GOAL_SAMPLES
 from .store import check_identity, load_store, save_store, store_path
 

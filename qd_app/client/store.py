@@ -1,6 +1,6 @@
-"""The client-local synthetic store: one file per experiment and partition, on the client's disk.
+"""The client-local stores: one file per experiment and partition, on the client's disk.
 
-A store holds the client's synthetic images, the real augmentation samples chosen
+A synthetic store holds the client's synthetic images, the real augmentation samples chosen
 with them, and metadata saying what they were made from (dataset, partitioning,
 model architecture, experiment, class counts). The file is
 
@@ -9,7 +9,8 @@ model architecture, experiment, class counts). The file is
 where the header carries the format version, the payload's length and its SHA-256.
 Files are written atomically (temporary file, fsync, rename), and a file whose
 checksum does not match is refused, so a crash never leaves a set that is later
-read as valid. Nothing in a store ever leaves the client.
+read as valid. HDUS's repository of models (:mod:`qd_app.client.hdus`) uses the same
+format. Nothing in a store ever leaves the client.
 """
 
 from __future__ import annotations
@@ -42,12 +43,16 @@ def store_path(store_dir: Path, experiment: str, partition_id: int) -> Path:
 
 def save_store(path: Path, synthetic_set: SyntheticSet, metadata: dict[str, Any]) -> int:
     """Write a store atomically; returns its size in bytes."""
-    tensors = {
+    return write_checked(path, {
         "synthetic-images": synthetic_set.synthetic.images.detach().cpu(),
         "synthetic-labels": synthetic_set.synthetic.labels.cpu(),
         "augmentation-images": synthetic_set.augmentation.images.detach().cpu(),
         "augmentation-labels": synthetic_set.augmentation.labels.cpu(),
-    }
+    }, metadata)
+
+
+def write_checked(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, Any]) -> int:
+    """Write tensors and metadata in the store format, atomically; returns the file's size."""
     buffer = io.BytesIO()
     torch.save(tensors, buffer)
     payload = buffer.getvalue()
@@ -66,7 +71,17 @@ def save_store(path: Path, synthetic_set: SyntheticSet, metadata: dict[str, Any]
 
 
 def load_store(path: Path) -> tuple[SyntheticSet, dict[str, Any]]:
-    """Read and verify a store; returns the synthetic set and its metadata.
+    """Read and verify a store; returns the synthetic set and its metadata (see :func:`read_checked`)."""
+    tensors, metadata = read_checked(path)
+    synthetic_set = SyntheticSet(
+        LabeledImages(tensors["synthetic-images"], tensors["synthetic-labels"]),
+        LabeledImages(tensors["augmentation-images"], tensors["augmentation-labels"]),
+    )
+    return synthetic_set, metadata
+
+
+def read_checked(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """Read and verify a file written by :func:`write_checked`: its tensors and metadata.
 
     Raises
     ------
@@ -75,18 +90,13 @@ def load_store(path: Path) -> tuple[SyntheticSet, dict[str, Any]]:
         corrupt (checksum mismatch).
     """
     if not path.is_file():
-        raise StoreError(f"no synthetic store at {path}: run the training phase (phase=train or all) first")
+        raise StoreError(f"no client store at {path}: run the training phase (phase=train or all) first")
     with open(path, "rb") as handle:
         header = _parse_header(path, handle.read(len(MAGIC) + 8), handle)
         payload = handle.read()
     if len(payload) != header["payload-bytes"] or hashlib.sha256(payload).hexdigest() != header["sha256"]:
         raise StoreError(f"store {path} is corrupt (checksum mismatch): delete it and train again")
-    tensors = torch.load(io.BytesIO(payload), weights_only=True)
-    synthetic_set = SyntheticSet(
-        LabeledImages(tensors["synthetic-images"], tensors["synthetic-labels"]),
-        LabeledImages(tensors["augmentation-images"], tensors["augmentation-labels"]),
-    )
-    return synthetic_set, header["metadata"]
+    return torch.load(io.BytesIO(payload), weights_only=True), header["metadata"]
 
 
 def check_identity(path: Path, stored: dict[str, Any], expected: dict[str, Any]) -> None:

@@ -29,6 +29,7 @@ from ..core.pruning import activation_statistics, prunable_layers
 from ..core.training import TrainStats, make_optimizer, predict, train_epochs
 from ..core.unlearning import fits_like_unseen, forget_data, forgotten, gradient_ascent, relearn_data, retain_data
 from ..errors import StoreError
+from . import hdus
 from .run import ClientRun
 
 
@@ -206,19 +207,32 @@ def local_evaluate(client: ClientRun, arrays: ArrayRecord) -> MetricRecord:
     })
 
 
-def _train_task(task: TrainTask) -> Callable[[ClientRun, RecordDict], RecordDict]:
-    """A training task as a reply: the new model and its metrics, with the client's compute seconds."""
+Task = Callable[[ClientRun, RecordDict], RecordDict]
+
+
+def _timed(task: Task) -> Task:
+    """A task whose reply's metrics carry the client's compute seconds."""
 
     def reply(client: ClientRun, content: RecordDict) -> RecordDict:
         started = time.perf_counter()
-        arrays, metrics = task(client, content[protocol.ARRAYS], content[protocol.CONFIG])
-        metrics[protocol.COMPUTE_SECONDS] = time.perf_counter() - started
-        return RecordDict({protocol.ARRAYS: arrays, protocol.METRICS: metrics})
+        answer = task(client, content)
+        answer[protocol.METRICS][protocol.COMPUTE_SECONDS] = time.perf_counter() - started
+        return answer
 
     return reply
 
 
-TASKS: dict[str, Callable[[ClientRun, RecordDict], RecordDict]] = {
+def _train_task(task: TrainTask) -> Task:
+    """A training task as a reply: the new model and its metrics, with the client's compute seconds."""
+
+    def reply(client: ClientRun, content: RecordDict) -> RecordDict:
+        arrays, metrics = task(client, content[protocol.ARRAYS], content[protocol.CONFIG])
+        return RecordDict({protocol.ARRAYS: arrays, protocol.METRICS: metrics})
+
+    return _timed(reply)
+
+
+TASKS: dict[str, Task] = {
     protocol.QUERY: lambda client, _: RecordDict({protocol.INVENTORY: inventory(client)}),
     protocol.message_type(protocol.QUERY, protocol.ACTIVATION_STATS): lambda client, content: RecordDict(
         {protocol.STATISTICS: activation_stats(client, content[protocol.ARRAYS], content[protocol.CONFIG])}),
@@ -229,6 +243,13 @@ TASKS: dict[str, Callable[[ClientRun, RecordDict], RecordDict]] = {
     protocol.message_type(protocol.TRAIN, protocol.RELEARN): _train_task(train_on_store),
     protocol.EVALUATE: lambda client, content: RecordDict(
         {protocol.METRICS: local_evaluate(client, content[protocol.ARRAYS])}),
+    protocol.message_type(protocol.TRAIN, protocol.SEED): _timed(
+        lambda client, content: hdus.train_seed(client, content[protocol.CONFIG])),
+    protocol.message_type(protocol.EVALUATE, protocol.KEEP_SEEDS): _timed(hdus.keep_seeds),
+    protocol.message_type(protocol.EVALUATE, protocol.DROP_SEEDS): _timed(
+        lambda client, content: hdus.drop_seeds(client, content[protocol.CONFIG])),
+    protocol.message_type(protocol.EVALUATE, protocol.ENSEMBLE): _timed(
+        lambda client, content: hdus.evaluate_ensemble(client, content[protocol.CONFIG])),
 }
 
 

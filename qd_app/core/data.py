@@ -18,7 +18,8 @@ import numpy as np
 import torch
 import torchvision
 
-from ..config import NodeSettings, RunConfig
+from ..config import RunConfig
+from ..node_config import NodeSettings
 from .provisioning import ensure_dataset
 
 
@@ -75,10 +76,13 @@ class DatasetSpec:
 
     def normalise(self, images_uint8: np.ndarray) -> torch.Tensor:
         """uint8 ``(N, C, H, W)`` pixels to the normalised float tensor every model sees."""
-        images = torch.from_numpy(np.ascontiguousarray(images_uint8)).float().div_(255.0)
+        return self.normalise_pixels(torch.from_numpy(np.ascontiguousarray(images_uint8)).float().div_(255.0))
+
+    def normalise_pixels(self, pixels: torch.Tensor) -> torch.Tensor:
+        """Float pixels in [0, 1] ``(N, C, H, W)`` to the normalised tensor (in place)."""
         mean = torch.tensor(self.mean).view(1, -1, 1, 1)
         std = torch.tensor(self.std).view(1, -1, 1, 1)
-        return images.sub_(mean).div_(std)
+        return pixels.sub_(mean).div_(std)
 
 
 def _read_idx_dataset(cls: type) -> RawReader:

@@ -18,6 +18,7 @@ import math
 from collections.abc import Callable
 
 import torch
+from torch import nn
 
 
 def confidence_features(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:

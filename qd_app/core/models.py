@@ -1,6 +1,7 @@
 """Model architectures and the factory that builds them from the run settings.
 
-The backbone is the ConvNet of the QuickDrop and dataset-condensation papers:
+Two families: the ConvNet and an MLP (one of HDUS's heterogeneous client models);
+``client-models`` and ``hdus-seed-model`` name presets of both (``ARCHITECTURES``). The backbone is the ConvNet of the QuickDrop and dataset-condensation papers:
 ``[Conv(W, 3x3) -> Norm -> ReLU -> Pool(2)] x D -> Linear``. Instance norm is
 GroupNorm with one group per channel. For 28x28 single-channel images the first
 convolution pads by 3 (28 -> 32), as the reference code does, so every dataset
@@ -15,7 +16,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from ..config import RunConfig
+from ..config import ARCHITECTURES, RunConfig
 from .data import DatasetSpec, dataset_spec
 
 StateDict = dict[str, torch.Tensor]  # a model's parameters and buffers by name
@@ -42,6 +43,15 @@ class ModelSpec:
             config.model, spec.channels, spec.image_size, spec.num_classes,
             config.model_depth, config.model_width, config.model_norm, config.model_pooling,
         )
+
+    @classmethod
+    def from_architecture(cls, name: str, config: RunConfig) -> ModelSpec:
+        """A named preset of :data:`~qd_app.config.ARCHITECTURES` (ConvNets with the run's norm
+        and pooling), shaped for the run's dataset."""
+        family, width, depth = ARCHITECTURES[name]
+        spec = dataset_spec(config.dataset)
+        norm, pooling = (config.model_norm, config.model_pooling) if family == "convnet" else ("none", "none")
+        return cls(family, spec.channels, spec.image_size, spec.num_classes, depth, width, norm, pooling)
 
     def as_dict(self) -> dict[str, str | int]:
         """Plain form for JSON metadata."""
@@ -91,7 +101,25 @@ class ConvNet(nn.Module):
         return self.classifier(self.features(images).flatten(1))
 
 
-MODEL_BUILDERS: dict[str, Callable[[ModelSpec], nn.Module]] = {"convnet": ConvNet}
+class MLP(nn.Module):
+    """A multilayer perceptron: D hidden layers of W units with ReLU, on the flattened image."""
+
+    def __init__(self, spec: ModelSpec) -> None:
+        super().__init__()
+        layers: list[nn.Module] = [nn.Flatten()]
+        features = spec.channels * spec.image_size * spec.image_size
+        for _ in range(spec.depth):
+            layers += [nn.Linear(features, spec.width), nn.ReLU(inplace=True)]
+            features = spec.width
+        layers.append(nn.Linear(features, spec.num_classes))
+        self.layers = nn.Sequential(*layers)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:  # pylint: disable=arguments-differ
+        """Class logits."""
+        return self.layers(images)
+
+
+MODEL_BUILDERS: dict[str, Callable[[ModelSpec], nn.Module]] = {"convnet": ConvNet, "mlp": MLP}
 
 
 def build_model(spec: ModelSpec, seed: int | None = None) -> nn.Module:

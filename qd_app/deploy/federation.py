@@ -5,8 +5,8 @@ atomically after every change), ``superlink/`` (its database and Flower home),
 ``node-<i>/`` (each SuperNode's Flower home and its store folder, as on a disk of its
 own), ``data/`` (the datasets, fetched once for all nodes), ``logs/``, and in secure
 mode ``certs/`` and ``keys/``. Each SuperNode gets ``partition-id``, ``num-partitions``,
-``data-dir`` and ``store-dir`` in its node config: the same settings a SuperNode on
-another machine is started with.
+``data-dir`` and ``store-dir`` in its node config (and ``client-model`` with
+``--client-models``): the same settings a SuperNode on another machine is started with.
 """
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from ..atomic import atomic_write_text
+from ..config import ARCHITECTURES
 from ..errors import ConfigError, FederationError
 from ..server.grid import PLAIN_GRID
 from . import connection, security
@@ -40,6 +41,7 @@ class Node:
     port: int
     process: dict[str, int] | None = None
     registered: bool = False  # secure mode: its public key is known to the SuperLink
+    client_model: str | None = None  # HDUS: its main model's architecture (node config client-model)
 
 
 @dataclass
@@ -86,22 +88,32 @@ class LocalFederation:
         """The ``--node-config`` of one SuperNode."""
         return (f"partition-id={node.partition} num-partitions={len(state.nodes)} "
                 f"data-dir='{self.folder / 'data'}' store-dir='{self.folder / f'node-{node.partition}' / 'store'}' "
-                f"worker={'false' if state.plain else 'true'}")
+                f"worker={'false' if state.plain else 'true'}"
+                + (f" client-model='{node.client_model}'" if node.client_model else ""))
 
     # ------------------------------------------------------------------ up
-    def plan(self, nodes: int, name: str, secure: bool, port: int, plain: bool = False) -> FederationState:
+    def plan(self, nodes: int, name: str, secure: bool, port: int, plain: bool = False,
+             client_models: str = "") -> FederationState:
         """The federation to bring up: the recorded one (its settings must match), or a new one."""
         if nodes < 1:
             raise ConfigError(f"invalid option --nodes={nodes}: must be >= 1")
+        models = [m.strip() for m in client_models.split(",")] if client_models.strip() else []
+        if any(m not in ARCHITECTURES for m in models):
+            raise ConfigError(f"invalid option --client-models={client_models!r}: architecture names separated by "
+                              f"',' (cycled over the nodes), each one of {', '.join(ARCHITECTURES)}")
+        architectures = [models[i % len(models)] if models else None for i in range(nodes)]
         if not NAME_PATTERN.match(name):
             raise ConfigError(f"invalid option --name={name!r}: letters, digits, '_' and '-' only")
         recorded = self.load()
         if recorded is not None:
-            if (len(recorded.nodes), recorded.secure, recorded.name, recorded.plain) != (nodes, secure, name, plain):
+            recorded_models = [node.client_model for node in recorded.nodes]
+            if ((len(recorded.nodes), recorded.secure, recorded.name, recorded.plain) != (nodes, secure, name, plain)
+                    or (models and recorded_models != architectures)):
                 raise ConfigError(
                     f"{self.folder} holds a federation of {len(recorded.nodes)} nodes, "
                     f"{'secure' if recorded.secure else 'insecure'}{', plain' if recorded.plain else ''}, named "
-                    f"{recorded.name!r}: bring it up with those options, or use another --dir")
+                    f"{recorded.name!r}, client models {recorded_models}: bring it up with those options, "
+                    "or use another --dir")
             return recorded
         if port:
             if not 1024 <= port <= 65535 - nodes:
@@ -109,13 +121,14 @@ class LocalFederation:
             ports = list(range(port, port + nodes + 1))
         else:
             ports = free_ports(nodes + 1)
-        return FederationState(name, secure, ports[0], [Node(i, p) for i, p in enumerate(ports[1:])], plain=plain)
+        return FederationState(name, secure, ports[0], [Node(i, p, client_model=architectures[i])
+                                                        for i, p in enumerate(ports[1:])], plain=plain)
 
     def up(self, nodes: int, name: str = "qd-local", secure: bool = False, port: int = 0,
-           plain: bool = False) -> FederationState:
+           plain: bool = False, client_models: str = "") -> FederationState:
         """Start what is not running of the federation (see :meth:`plan`), register its connection,
         and wait until every SuperNode has joined. On failure, stop what this call started."""
-        state = self.plan(nodes, name, secure, port, plain)
+        state = self.plan(nodes, name, secure, port, plain, client_models)
         wanted = [("superlink", state.port, state.superlink)] + [
             (f"node {n.partition}", n.port, n.process) for n in state.nodes]
         for what, wanted_port, process in wanted:

@@ -25,6 +25,7 @@ REGISTRY: dict[str, str] = {
     "ispf-pf": "qd_app.methods.ispf:ISPFPostFilter",
     "gkt": "qd_app.methods.ispf:GKT",
     "blockf": "qd_app.methods.ispf:BlockF",
+    "hdus": "qd_app.methods.hdus:HDUS",
 }
 
 __all__ = ["REGISTRY", "MethodContext", "UnlearningMethod", "resolve_method"]

@@ -143,6 +143,10 @@ class ServerEvaluator:
             self.seconds += time.perf_counter() - started
         return self._last[1]
 
+    def record(self, stage: str, rounds: int, accuracy: float, class_accuracy: tuple[float, ...]) -> None:
+        """Record an evaluation the clients made of a stage's outcome (no global model to evaluate)."""
+        self.history.append(RoundRecord(self.last_round + rounds, stage, accuracy, class_accuracy))
+
     def for_stage(self, stage: str) -> Callable[[int, ArrayRecord], MetricRecord]:
         """An ``evaluate_fn`` for one stage; round 0 is recorded only for the first stage of all."""
         offset = self.last_round

@@ -37,19 +37,18 @@ from flwr.serverapp import Grid
 from .. import protocol
 from ..config import RunConfig
 from ..core.data import dataset_spec
-from ..core.distillation import synthetic_count
 from ..core.models import ModelSpec
 from ..core.training import resolve_device
-from ..errors import FederationError, RequestError, StageFailedError
+from ..errors import ConfigError, FederationError, RequestError, StageFailedError
 from ..request import NOTHING_FORGOTTEN, UNLEARN, UnlearningRequest
 from . import planner
 from .evaluation import ServerEvaluator, SplitAccuracy, class_split, client_split, evaluate_on_clients
 from .federation import Federation, discover_federation, recorded_federation
 from .grid import for_deployment
-from .ledger import PENDING, RUNNING, Ledger
+from .ledger import RUNNING, Ledger
 from .method import MethodContext, UnlearningMethod
 from .results import (TRAINED_CHECKPOINT_FILE, ExperimentRecord, StageRecord, entry_summary, load_checkpoint,
-                      model_digest, plot_class_accuracy, save_checkpoint, write_results)
+                      model_digest, plot_class_accuracy, save_checkpoint, stores_summary, write_results)
 from .stages import ResetStage, Stage, StagePlan
 
 
@@ -156,7 +155,10 @@ class Experiment:  # pylint: disable=too-many-instance-attributes
         name = stage.stage_name
         eval_seconds_before = self.evaluator.seconds
         first_round = self.evaluator.last_round + 1
-        arrays, cost = stage.run(self.grid, arrays, num_rounds, self.evaluator.for_stage(name))
+        evaluate_fn = self.evaluator.for_stage(name) if self.method.global_model else lambda *_: None
+        arrays, cost = stage.run(self.grid, arrays, num_rounds, evaluate_fn)
+        if cost.evaluation is not None:  # the clients evaluated the stage's outcome
+            self.evaluator.record(name, cost.rounds, *cost.evaluation)
         last = self.evaluator.history[-1]
         record = StageRecord.from_cost(
             name, cost, eval_seconds=self.evaluator.seconds - eval_seconds_before, accuracy=last.accuracy,
@@ -186,11 +188,13 @@ class Experiment:  # pylint: disable=too-many-instance-attributes
         self.record.federation = self.federation.as_record()
         history = self.context.history()
         history.clear()  # updates of an earlier trained model
-        strategy = self.method.training(self.context)
-        arrays = self.run_stage(strategy, self.context.initial_model(), self.config.num_server_rounds)
+        stage = self.method.training(self.context)
+        initial = self.context.initial_model() if self.method.global_model else ArrayRecord()
+        arrays = self.run_stage(stage, initial, self.config.num_server_rounds)
         if history.interval:
             self.record.stores["federaser-bytes"] = history.size_bytes()
-        self._record_stores({node: int(m.get(protocol.STORE_BYTES, 0)) for node, m in strategy.last_metrics.items()})
+        self._record_stores({node: int(m.get(protocol.STORE_BYTES, 0))
+                             for node, m in getattr(stage, "last_metrics", {}).items()})
         self.save_model(arrays, TRAINED_CHECKPOINT_FILE)
         self.save_model(arrays)
         return arrays
@@ -221,8 +225,9 @@ class Experiment:  # pylint: disable=too-many-instance-attributes
         self.ledger.start(request_id, {"run": self.run_index, "method": self.method.name,
                                        "model-before": model_digest(arrays.to_torch_state_dict())})
         try:
-            missing = [p for p in self.federation.missing if p not in before.clients]
-            if missing and self.method.needs_clients(self.config, action):
+            missing = sorted(set(self.federation.missing)
+                             & self.method.required_partitions(self.context, action, request, before))
+            if missing:
                 raise FederationError(f"partitions {missing} are not connected (the server waited "
                                       f"node-wait-seconds={self.config.node_wait_seconds:g})")
             if self.config.phase == "serve" and self.method.data == protocol.SYNTHETIC:
@@ -244,8 +249,10 @@ class Experiment:  # pylint: disable=too-many-instance-attributes
             return self._split(model, request, excluded, before.clients | after.clients)
 
         entry: dict[str, Any] = {"index": index, "id": request_id, "action": action, **request.as_dict(),
-                                 "label": request.label, "run": self.run_index, "before": split(arrays).as_dict()}
-        if action == UNLEARN and not self.context.training_participants(after):
+                                 "label": request.label, "run": self.run_index}
+        if self.method.global_model:  # else the method's stages report the clients' own evaluation
+            entry["before"] = split(arrays).as_dict()
+        if action == UNLEARN and self.method.global_model and not self.context.training_participants(after):
             log(INFO, "%s leaves no data to keep: the model goes back to its initialisation, Retrain-Or's answer",
                 request.label)
             entry["exact"] = NOTHING_LEFT
@@ -262,7 +269,8 @@ class Experiment:  # pylint: disable=too-many-instance-attributes
                 entry.setdefault("skipped", []).append(stage.stage_name)
                 continue
             start = plan.start(arrays) if plan.start else arrays
-            arrays = self.run_stage(stage, start, plan.rounds, request=index, split=split)
+            arrays = self.run_stage(stage, start, plan.rounds, request=index,
+                                    split=split if self.method.global_model else None)
             record = self.record.stages[-1]
             entry[f"after-{record.name}"] = record.split.as_dict() if record.split else None
             entry.setdefault("seconds", {})[record.name] = record.seconds
@@ -309,17 +317,8 @@ class Experiment:  # pylint: disable=too-many-instance-attributes
         return save_checkpoint(self.output_path, state_dict, metadata)
 
     def _record_stores(self, bytes_by_node: dict[int, int]) -> None:
-        scale = self.config.scale
         clients = [self.federation.clients[node] for node in self.federation.node_ids]
-        synthetic = [sum(synthetic_count(n, scale) for n in c.class_counts if n) for c in clients]
-        data = sum(c.num_examples for c in clients)
-        self.record.stores = {
-            **self.record.stores,
-            "bytes": [bytes_by_node.get(c.node_id, 0) for c in clients],
-            "synthetic-images": synthetic,
-            "augmentation-images": synthetic,
-            "synthetic-fraction": sum(synthetic) / data if data else 0.0,
-        }
+        self.record.stores = {**self.record.stores, **stores_summary(clients, bytes_by_node, self.config.scale)}
 
     def finish(self) -> None:
         """Write the final results and the per-class accuracy plot."""
@@ -332,6 +331,9 @@ class Experiment:  # pylint: disable=too-many-instance-attributes
 def run_phase(grid: Grid, config: RunConfig, method: UnlearningMethod) -> Experiment:
     """Everything a run does for its ``phase`` (see the module docstring) with ``method``
     (the ServerApp passes the one the ``method`` setting names)."""
+    if config.client_models and method.global_model:
+        raise ConfigError(f"client-models={config.client_models!r} gives each client a model of its own, which "
+                          f"method={config.method!r} (one global model) cannot use: set it empty, or use hdus")
     experiment = Experiment(for_deployment(grid), config, method)
     with experiment.ledger.serving():
         steps = experiment.plan()

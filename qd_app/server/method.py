@@ -26,7 +26,7 @@ from . import planner
 from .evaluation import ServerEvaluator
 from .federation import Federation
 from .history import HISTORY_FOLDER, UpdateHistory
-from .stages import StagePlan
+from .stages import Stage, StagePlan
 from .strategies import RecoverStrategy, RelearnStrategy, StageStrategy, TrainingStrategy
 
 
@@ -88,11 +88,16 @@ class UnlearningMethod:
     data : str
         What its client stages draw from: ``synthetic`` (the clients' stores, which
         must then be usable) or ``original`` (the clients' training data).
+    global_model : bool
+        Whether the method trains one global model, which the server evaluates and
+        checkpoints. A decentralised method (HDUS) keeps one model per client instead: its
+        stages report the clients' evaluation, and the server's checkpoint holds no parameters.
     """
 
     name: ClassVar[str] = ""
     title: ClassVar[str] = ""
     data: ClassVar[str] = protocol.ORIGINAL
+    global_model: ClassVar[bool] = True
     training_strategy: ClassVar[type[StageStrategy]] = TrainingStrategy
     recover_strategy: ClassVar[type[StageStrategy]] = RecoverStrategy
     relearn_strategy: ClassVar[type[StageStrategy]] = RelearnStrategy
@@ -107,6 +112,14 @@ class UnlearningMethod:
         that only unlearns with it contacts no client at all."""
         return True
 
+    def required_partitions(self, ctx: MethodContext, action: str, request: UnlearningRequest,
+                            before: Forgotten) -> set[int]:
+        """The partitions that must be connected to serve ``action`` of ``request`` from ``before``
+        (else it waits for a later run): every one not forgotten, none for a server-only answer."""
+        if not self.needs_clients(ctx.config, action):
+            return set()
+        return set(range(ctx.federation.num_partitions)) - before.clients
+
     def participants(self, ctx: MethodContext, action: str, request: UnlearningRequest,
                      state: Forgotten) -> list[int]:
         """The nodes that serving ``action`` of ``request`` from ``state`` sends work to (they hold
@@ -116,7 +129,7 @@ class UnlearningMethod:
             return []
         return planner.stage_participants(ctx.federation, action, request, state)
 
-    def training(self, ctx: MethodContext) -> StageStrategy:
+    def training(self, ctx: MethodContext) -> Stage:
         """The training stage of a new trained model."""
         return self.training_strategy(ctx.federation, **self.training_options(ctx))
 

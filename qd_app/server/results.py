@@ -17,8 +17,10 @@ from typing import Any
 import torch
 
 from ..atomic import atomic_write_bytes, atomic_write_text
+from ..core.distillation import synthetic_count
 from ..errors import RequestError
 from .evaluation import RoundRecord, SplitAccuracy
+from .federation import ClientInfo
 from .stages import StageCost
 
 RESULTS_FILE = "results.json"
@@ -162,6 +164,19 @@ class ExperimentRecord:
         return next((stage.seconds for stage in reversed(self.stages) if stage.name == name), 0.0)
 
 
+def stores_summary(clients: list[ClientInfo], bytes_by_node: dict[int, int], scale: int) -> dict[str, Any]:
+    """What results.json's ``stores`` says of the clients' stores: their sizes and, for QuickDrop's
+    synthetic sets, how many images they hold and what fraction of the data that is."""
+    synthetic = [sum(synthetic_count(n, scale) for n in c.class_counts if n) for c in clients]
+    data = sum(c.num_examples for c in clients)
+    return {
+        "bytes": [bytes_by_node.get(c.node_id, 0) for c in clients],
+        "synthetic-images": synthetic,
+        "augmentation-images": synthetic,
+        "synthetic-fraction": sum(synthetic) / data if data else 0.0,
+    }
+
+
 def write_results(output_path: Path, record: ExperimentRecord) -> Path:
     """Write results.json atomically; returns its path."""
     path = output_path / RESULTS_FILE
@@ -210,9 +225,9 @@ def load_checkpoint(output_path: Path, name: str = CHECKPOINT_FILE) -> dict[str,
 
 def entry_summary(entry: dict[str, Any]) -> str:
     """One line for the log: a served request's F-Set / R-Set before and after each stage, and its seconds."""
-    parts = [f"before F {_percent(entry['before']['forget-accuracy'])} R {_percent(entry['before']['retain-accuracy'])}"]
+    parts = []
     for key, value in entry.items():
-        if key.startswith("after-") and value:
+        if (key == "before" or key.startswith("after-")) and value:
             parts.append(f"{key} F {_percent(value['forget-accuracy'])} R {_percent(value['retain-accuracy'])}")
     parts.append(f"{entry['total-seconds']:.2f} s")
     return "; ".join(parts)

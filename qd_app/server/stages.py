@@ -21,7 +21,7 @@ import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from logging import INFO
-from typing import Protocol
+from typing import Any, Protocol
 
 from flwr.app import ArrayRecord, Message, MetricRecord
 from flwr.common import log
@@ -42,7 +42,9 @@ class StageCost:  # pylint: disable=too-many-instance-attributes
     ``bytes_sent`` / ``bytes_received`` the model parameters that went to and came from
     clients; ``compute_seconds`` the clients' own local work (for a server-only stage,
     the server's), ``distill_seconds`` the part of it spent on synthetic images;
-    ``details`` what a stage reports of its own work (recorded with the stage).
+    ``details`` what a stage reports of its own work (recorded with the stage);
+    ``evaluation`` the test accuracy, overall and per class, of a stage whose outcome the
+    clients evaluate (a method without a global model: the mean over the clients' models).
     """
 
     rounds: int = 0
@@ -53,7 +55,8 @@ class StageCost:  # pylint: disable=too-many-instance-attributes
     bytes_received: int = 0
     compute_seconds: float = 0.0
     distill_seconds: float = 0.0
-    details: dict[str, float | str] = field(default_factory=dict)
+    details: dict[str, Any] = field(default_factory=dict)
+    evaluation: tuple[float, tuple[float, ...]] | None = None
 
 
 class Stage(Protocol):
