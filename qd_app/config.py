@@ -9,6 +9,7 @@ and every failure names the setting, the value and what is allowed.
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import re
 from collections.abc import Mapping
@@ -58,9 +59,20 @@ def resolve_dir(key: str, value: str, default_name: str) -> Path:
     """
     if value == "":
         return cache_root() / default_name
-    path = Path(value).expanduser()
+    if "\0" in value:
+        raise invalid(key, value, "must be a path without NUL characters")
+    try:
+        path = Path(value).expanduser()
+    except RuntimeError:  # ~user of an unknown user
+        raise invalid(key, value, "names the home folder of an unknown user") from None
     if not path.is_absolute():
         raise invalid(key, value, "must be an absolute path (or empty for the default)")
+    try:
+        exists_as_other = path.exists() and not path.is_dir()
+    except OSError as exc:  # e.g. a name too long for the file system
+        raise invalid(key, value, f"must be a usable folder path: {exc.strerror}") from None
+    if exists_as_other:
+        raise invalid(key, value, "must be a folder (or a path where one can be made): it is a file")
     return path
 
 
@@ -132,9 +144,9 @@ class RunConfig:  # pylint: disable=too-many-instance-attributes
     hdus_seed_model: str = "convnet-s"
     hdus_reference: str = "holdout"
     hdus_reference_size: int = 2000
-    hdus_topology: str = "ring"
+    hdus_topology: str = "regular"
     hdus_degree: int = 4
-    hdus_lambda: float = 0.5
+    hdus_lambda: float = 0.25
     hdus_temperature: float = 3.0
     hdus_epochs: int = 3
     hdus_distill_epochs: int = 20
@@ -163,10 +175,10 @@ class RunConfig:  # pylint: disable=too-many-instance-attributes
             value = getattr(self, field_name(key))
             if value not in allowed:
                 raise invalid(key, value, f"must be one of {', '.join(allowed)}")
-        if not _METHOD_PATTERN.match(self.method):
+        if not _METHOD_PATTERN.fullmatch(self.method):
             raise invalid("method", self.method, "must be a method's name (quickdrop, retrain, sga, ...) or the "
                           "import path of your own method, 'package.module:ClassName'")
-        if not _EXPERIMENT_PATTERN.match(self.experiment):
+        if not _EXPERIMENT_PATTERN.fullmatch(self.experiment):
             raise invalid(
                 "experiment", self.experiment, "must be a folder name of letters, digits, '.', '_', '-'"
             )
@@ -204,7 +216,7 @@ class RunConfig:  # pylint: disable=too-many-instance-attributes
         if self.hdus_degree < 2:
             raise invalid("hdus-degree", self.hdus_degree, "must be >= 2 (each client's number of neighbours)")
         self.client_model(0)  # parsing the per-partition architectures validates them
-        if not _DEVICE_PATTERN.match(self.device):
+        if not _DEVICE_PATTERN.fullmatch(self.device):
             raise invalid("device", self.device, "must be auto, cpu, cuda or cuda:<index>")
         self.serve_ids()  # parsing the ledger ids validates them
         self.resolved_run_config()  # resolving the directories validates them
@@ -308,9 +320,14 @@ def field_name(key: str) -> str:
 
 
 def as_int(key: str, value: Any) -> int:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or int(value) != value:
+    """``value`` as an int, refused unless it is a whole number (bools are not numbers here)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not _whole(value):
         raise invalid(key, value, "must be an integer")
     return int(value)
+
+
+def _whole(value: int | float) -> bool:
+    return isinstance(value, int) or (math.isfinite(value) and value.is_integer())
 
 
 def _coerce(field: dataclasses.Field, value: Any) -> Any:
@@ -319,8 +336,8 @@ def _coerce(field: dataclasses.Field, value: Any) -> Any:
     if field.type == "int":
         return as_int(key, value)
     if field.type == "float":
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise invalid(key, value, "must be a number")
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+            raise invalid(key, value, "must be a finite number")
         return float(value)
     if not isinstance(value, str):
         raise invalid(key, value, "must be a string")

@@ -45,3 +45,14 @@ def write_idx_dataset(root: Path, folder: str, train_per_class: int, test_per_cl
 def tiny_mnist_dir(tmp_path_factory) -> Path:
     """A small learnable dataset in MNIST's on-disk format (60 train / 10 test per class)."""
     return write_idx_dataset(tmp_path_factory.mktemp("tiny-data"), "MNIST", 60, 10)
+
+
+@pytest.fixture(autouse=True)
+def no_client_reply_leaks():
+    """Every reply a ClientApp sends in an in-process test is audited (``tests/privacy.py``):
+    a test whose clients sent anything but model parameters and small metrics fails."""
+    from inprocess import LEAKS
+
+    LEAKS.clear()
+    yield
+    assert not LEAKS, f"a client sent more than parameters and metrics: {LEAKS[0]}"

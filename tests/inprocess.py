@@ -13,9 +13,13 @@ from flwr.clientapp import ClientApp
 from flwr.common.constant import ErrorCode
 from flwr.serverapp import Grid
 from flwr.supercore.task_identity import TaskIdentity
+from privacy import audit_reply
+
+from qd_app.client_app import app as qd_app_client
 
 RUN_ID = 7
 SERVER_NODE_ID = 0
+LEAKS: list[str] = []  # what audit_reply found in any reply (conftest fails the test that sent it)
 
 
 def set_task_identity() -> None:
@@ -33,7 +37,8 @@ def node_context(node_id: int, run_config: dict, node_config: dict) -> Context:
 
 
 class InProcessGrid(Grid):
-    """Calls the ClientApp synchronously for every message; keeps all traffic for inspection."""
+    """Calls the ClientApp synchronously for every message; keeps all traffic for inspection and
+    audits every reply for anything but model parameters and small metrics (``tests/privacy.py``)."""
 
     def __init__(self, client_app: ClientApp, run_config: dict, num_partitions: int,
                  node_configs: list[dict] | None = None) -> None:
@@ -79,6 +84,11 @@ class InProcessGrid(Grid):
             except Exception as exc:  # what the SuperNode does with a ClientApp exception
                 reason = f"{type(exc)}:<'{exc}'>"
                 reply = Message(Error(code=ErrorCode.CLIENT_APP_RAISED_EXCEPTION, reason=reason), reply_to=message)
+            try:
+                if self.client_app is qd_app_client:  # the app's clients (a test's own ClientApp may send anything)
+                    audit_reply(reply, context.run_config)
+            except AssertionError as leak:  # recorded, not raised: the server must not swallow it
+                LEAKS.append(str(leak))
             replies.append(reply)
         self.replies.extend(replies)
         return replies

@@ -15,6 +15,7 @@ from qd_app.core.distillation import (
     gradient_distance,
     initial_synthetic_set,
     layer_distance,
+    nearest_real_distances,
     synthetic_count,
     train_with_distillation,
 )
@@ -113,3 +114,13 @@ def test_empty_data_gives_an_empty_store():
     empty = LabeledImages(torch.empty(0, 1, 28, 28), torch.empty(0, dtype=torch.long))
     store = initial_synthetic_set(empty, scale=100, generator=seeded_generator(0))
     assert len(store.synthetic) == 0 and store.classes() == []
+
+
+def test_nearest_real_distance_is_zero_for_a_copy_and_the_rms_pixel_difference_otherwise():
+    real = torch.randn(50, 2, 4, 4, generator=torch.Generator().manual_seed(0))
+    moved = real[7].clone()
+    moved[0] += 0.5  # channel 0 (std 0.2) moved by 0.5 normalised units: 0.1 in pixels, on half the values
+    distances = nearest_real_distances(torch.stack([real[3], moved]), real, std=(0.2, 0.4))
+    assert distances[0].item() == 0.0
+    assert distances[1].item() == pytest.approx(math.sqrt(16 * 0.1 ** 2 / 32))
+    assert len(nearest_real_distances(real[:0], real, std=(0.2, 0.4))) == 0

@@ -19,7 +19,7 @@ from qd_app.errors import ConfigError, RequestError
 from qd_app.server.results import load_checkpoint
 
 HETEROGENEOUS = {"method": "hdus", "client-models": "convnet-s,mlp,convnet-m,convnet-l", "hdus-reference-size": 40,
-                 "hdus-epochs": 2, "hdus-distill-epochs": 2, "forget-class": ""}
+                 "hdus-epochs": 2, "hdus-distill-epochs": 2, "hdus-topology": "ring", "forget-class": ""}
 
 
 def test_topologies_are_undirected_and_of_the_asked_degree():

@@ -81,6 +81,10 @@ def test_phase_all_trains_unlearns_recovers_and_relearns_a_class(tiny_mnist_dir,
         unlearn_request["total-seconds"] / record["stages"][0]["seconds"])
     train = record["stages"][0]
     assert 0 < train["distill-seconds"] < train["compute-seconds"]  # clients' synthetic-image work, within their own
+    stores = record["stores"]  # each client's synthetic images, compared with its real ones at the end of training
+    assert len(stores["synthetic-nearest"]) == 3 and all(d > 0 for d in stores["synthetic-nearest"])
+    assert all(0 <= low <= mean for low, mean in zip(stores["synthetic-nearest-min"], stores["synthetic-nearest"]))
+    assert all(isinstance(copies, int) for copies in stores["synthetic-copies"])
     assert all(s["compute-seconds"] > 0 and s["distill-seconds"] == 0 for s in record["stages"][1:])
     holders = [i for i, counts in enumerate(record["federation"]["class-counts"]) if counts[3]]
     # round 1 ascends; in round 2 every holder already forgets class 3 and replies with weight 0,

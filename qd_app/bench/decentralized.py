@@ -190,7 +190,8 @@ def draw(plt, report: dict[str, Any], weight: float):
                  label="FedAvg global model")
     bars.set_xticks(list(range(len(names))), names, rotation=20, fontsize="small")
     bars.set_ylabel("test accuracy (%)")
-    bars.legend(fontsize="small")
+    bars.set_ylim(0, 120)  # room for the legend above the bars
+    bars.legend(fontsize="small", ncol=2, loc="upper center")
     for setup in SETUPS:
         for topology in TOPOLOGIES:
             sweep.plot(LAMBDAS, [100 * _mean([s[setup]["sweep"][topology][str(w)]["0"] for s in seeds])

@@ -22,8 +22,9 @@ from flwr.common import log
 from torch import nn
 
 from .. import protocol
-from ..core.data import LabeledImages
-from ..core.distillation import SyntheticSet, finetune_synthetic, initial_synthetic_set, train_with_distillation
+from ..core.data import LabeledImages, dataset_spec
+from ..core.distillation import (SyntheticSet, finetune_synthetic, initial_synthetic_set, nearest_real_distances,
+                                 train_with_distillation)
 from ..core.models import build_model
 from ..core.pruning import activation_statistics, prunable_layers
 from ..core.training import TrainStats, make_optimizer, predict, train_epochs
@@ -33,6 +34,7 @@ from . import hdus
 from .run import ClientRun
 
 
+COPY_DISTANCE = 1e-6  # RMS pixel difference up to which a synthetic image counts as a copy of a real one
 TrainTask = Callable[[ClientRun, ArrayRecord, ConfigRecord], tuple[ArrayRecord, MetricRecord]]
 
 
@@ -136,11 +138,22 @@ def distill_train(client: ClientRun, arrays: ArrayRecord, config: ConfigRecord) 
         )
         metadata["finetune-steps"] += finetune_steps
     store_bytes = client.save_store(synthetic_set, metadata)
+    privacy = _synthetic_privacy(client, synthetic_set) if server_round == int(config[protocol.NUM_ROUNDS]) else {}
     return _reply(
         model, len(client.train_data), stats,
         **{protocol.STORE_BYTES: store_bytes, protocol.MATCH_DISTANCE: stats.mean_distance,
-           protocol.DISTILL_SECONDS: stats.distill_seconds}
+           protocol.DISTILL_SECONDS: stats.distill_seconds, **privacy}
     )
+
+
+def _synthetic_privacy(client: ClientRun, synthetic_set: SyntheticSet) -> dict[str, float | int]:
+    """How close the final synthetic images stay to the client's real ones (three scalars)."""
+    distances = nearest_real_distances(synthetic_set.synthetic.images, client.train_data.images,
+                                       dataset_spec(client.config.dataset).std)
+    if not len(distances):
+        return {}
+    return {protocol.SYNTHETIC_NEAREST: float(distances.mean()), protocol.SYNTHETIC_NEAREST_MIN: float(distances.min()),
+            protocol.SYNTHETIC_COPIES: int((distances <= COPY_DISTANCE).sum())}
 
 
 def unlearn(client: ClientRun, arrays: ArrayRecord, config: ConfigRecord) -> tuple[ArrayRecord, MetricRecord]:

@@ -102,7 +102,7 @@ class LocalFederation:
             raise ConfigError(f"invalid option --client-models={client_models!r}: architecture names separated by "
                               f"',' (cycled over the nodes), each one of {', '.join(ARCHITECTURES)}")
         architectures = [models[i % len(models)] if models else None for i in range(nodes)]
-        if not NAME_PATTERN.match(name):
+        if not NAME_PATTERN.fullmatch(name):
             raise ConfigError(f"invalid option --name={name!r}: letters, digits, '_' and '-' only")
         recorded = self.load()
         if recorded is not None:

@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import random
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from datetime import datetime, timezone
 from logging import INFO, WARNING
 from pathlib import Path
@@ -193,8 +193,7 @@ class Experiment:  # pylint: disable=too-many-instance-attributes
         arrays = self.run_stage(stage, initial, self.config.num_server_rounds)
         if history.interval:
             self.record.stores["federaser-bytes"] = history.size_bytes()
-        self._record_stores({node: int(m.get(protocol.STORE_BYTES, 0))
-                             for node, m in getattr(stage, "last_metrics", {}).items()})
+        self._record_stores(getattr(stage, "last_metrics", {}))
         self.save_model(arrays, TRAINED_CHECKPOINT_FILE)
         self.save_model(arrays)
         return arrays
@@ -203,7 +202,8 @@ class Experiment:  # pylint: disable=too-many-instance-attributes
         """The current global model of this experiment (checked in :meth:`plan`)."""
         self.start_run()
         if self.federation.connected:
-            self._record_stores({node: info.store_bytes for node, info in self.federation.clients.items()})
+            self._record_stores({node: {protocol.STORE_BYTES: info.store_bytes}
+                                 for node, info in self.federation.clients.items()})
         return ArrayRecord(self.checkpoint["state-dict"])
 
     def serve(self, action: str, request: UnlearningRequest, request_id: int, arrays: ArrayRecord) -> ArrayRecord:
@@ -316,9 +316,9 @@ class Experiment:  # pylint: disable=too-many-instance-attributes
             return save_checkpoint(self.output_path, state_dict, metadata, name)
         return save_checkpoint(self.output_path, state_dict, metadata)
 
-    def _record_stores(self, bytes_by_node: dict[int, int]) -> None:
+    def _record_stores(self, metrics_by_node: dict[int, Mapping[str, Any]]) -> None:
         clients = [self.federation.clients[node] for node in self.federation.node_ids]
-        self.record.stores = {**self.record.stores, **stores_summary(clients, bytes_by_node, self.config.scale)}
+        self.record.stores = {**self.record.stores, **stores_summary(clients, metrics_by_node, self.config.scale)}
 
     def finish(self) -> None:
         """Write the final results and the per-class accuracy plot."""

@@ -10,12 +10,14 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from .. import protocol
 from ..atomic import atomic_write_bytes, atomic_write_text
 from ..core.distillation import synthetic_count
 from ..errors import RequestError
@@ -164,17 +166,27 @@ class ExperimentRecord:
         return next((stage.seconds for stage in reversed(self.stages) if stage.name == name), 0.0)
 
 
-def stores_summary(clients: list[ClientInfo], bytes_by_node: dict[int, int], scale: int) -> dict[str, Any]:
-    """What results.json's ``stores`` says of the clients' stores: their sizes and, for QuickDrop's
-    synthetic sets, how many images they hold and what fraction of the data that is."""
+PRIVACY_KEYS = (protocol.SYNTHETIC_NEAREST, protocol.SYNTHETIC_NEAREST_MIN, protocol.SYNTHETIC_COPIES)
+
+
+def stores_summary(clients: list[ClientInfo], metrics_by_node: dict[int, Mapping[str, Any]],
+                   scale: int) -> dict[str, Any]:
+    """What results.json's ``stores`` says of the clients' stores: their sizes (``store-bytes``
+    of each client's metrics) and, for QuickDrop's synthetic sets, how many images they hold,
+    what fraction of the data that is and, where the clients reported it at the end of
+    training, how close the synthetic images stay to their real images (per client)."""
     synthetic = [sum(synthetic_count(n, scale) for n in c.class_counts if n) for c in clients]
     data = sum(c.num_examples for c in clients)
-    return {
-        "bytes": [bytes_by_node.get(c.node_id, 0) for c in clients],
+    metrics = [metrics_by_node.get(c.node_id, {}) for c in clients]
+    summary = {
+        "bytes": [int(m.get(protocol.STORE_BYTES, 0)) for m in metrics],
         "synthetic-images": synthetic,
         "augmentation-images": synthetic,
         "synthetic-fraction": sum(synthetic) / data if data else 0.0,
     }
+    if any(protocol.SYNTHETIC_NEAREST in m for m in metrics):
+        summary |= {key: [m.get(key) for m in metrics] for key in PRIVACY_KEYS}
+    return summary
 
 
 def write_results(output_path: Path, record: ExperimentRecord) -> Path:
