@@ -52,27 +52,26 @@ def cache_root() -> Path:
 
 
 def resolve_dir(key: str, value: str, default_name: str) -> Path:
-    """Turn a directory setting into an absolute path (empty means the cache default).
-
-    The app runs from an installed FAB in the SuperLink's working directory, so a
-    relative path would land somewhere unexpected: it is refused.
-    """
+    """Turn a directory setting into an absolute path (empty: the cache default). Refused: a
+    relative path (the app runs from an installed FAB in the SuperLink's working directory,
+    where it would land somewhere unexpected), a file or a path below one."""
     if value == "":
         return cache_root() / default_name
     if "\0" in value:
         raise invalid(key, value, "must be a path without NUL characters")
-    try:
+    try:  # ~user of an unknown user raises RuntimeError
         path = Path(value).expanduser()
-    except RuntimeError:  # ~user of an unknown user
+    except RuntimeError:
         raise invalid(key, value, "names the home folder of an unknown user") from None
     if not path.is_absolute():
         raise invalid(key, value, "must be an absolute path (or empty for the default)")
     try:
-        exists_as_other = path.exists() and not path.is_dir()
+        existing = next(folder for folder in (path, *path.parents) if folder.exists())
+        blocked = not existing.is_dir()
     except OSError as exc:  # e.g. a name too long for the file system
         raise invalid(key, value, f"must be a usable folder path: {exc.strerror}") from None
-    if exists_as_other:
-        raise invalid(key, value, "must be a folder (or a path where one can be made): it is a file")
+    if blocked:
+        raise invalid(key, value, f"must be a folder (or a path where one can be made): {existing} is a file")
     return path
 
 
@@ -178,10 +177,9 @@ class RunConfig:  # pylint: disable=too-many-instance-attributes
         if not _METHOD_PATTERN.fullmatch(self.method):
             raise invalid("method", self.method, "must be a method's name (quickdrop, retrain, sga, ...) or the "
                           "import path of your own method, 'package.module:ClassName'")
-        if not _EXPERIMENT_PATTERN.fullmatch(self.experiment):
-            raise invalid(
-                "experiment", self.experiment, "must be a folder name of letters, digits, '.', '_', '-'"
-            )
+        if not _EXPERIMENT_PATTERN.fullmatch(self.experiment) or len(self.experiment) > 200:
+            raise invalid("experiment", self.experiment, "must be a folder name of letters, digits, '.', '_', '-' "
+                          "(at most 200 characters)")
         if not self.alpha > 0:
             raise invalid("alpha", self.alpha, "must be > 0 (smaller is more non-IID)")
         if not 0.0 < self.fraction_train <= 1.0:
@@ -330,13 +328,20 @@ def _whole(value: int | float) -> bool:
     return isinstance(value, int) or (math.isfinite(value) and value.is_integer())
 
 
+def _finite(value: int | float) -> bool:  # also for an int beyond float's range
+    try:
+        return math.isfinite(float(value))
+    except OverflowError:
+        return False
+
+
 def _coerce(field: dataclasses.Field, value: Any) -> Any:
     """Check a value against the field's declared type (int, float or str)."""
     key = _key(field.name)
     if field.type == "int":
         return as_int(key, value)
     if field.type == "float":
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not _finite(value):
             raise invalid(key, value, "must be a finite number")
         return float(value)
     if not isinstance(value, str):

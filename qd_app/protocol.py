@@ -100,6 +100,7 @@ MAIN_ACCURACY = "main-accuracy"  # HDUS: test accuracy of the client's main mode
 ENSEMBLE_ACCURACY = "ensemble-accuracy"  # HDUS: test accuracy of the client's ensemble
 CLASS_CORRECT = "class-correct"  # HDUS: the ensemble's correct test predictions per class
 SEEDS_HELD = "seeds-held"  # HDUS: the partitions whose seed models a client holds
+SEEDS_DROPPED = "seeds-dropped"  # HDUS: the partitions whose seed models (own: repository) a client deleted
 
 
 def seed_record(partition_id: int) -> str:

@@ -86,7 +86,7 @@ class InProcessGrid(Grid):
                 reply = Message(Error(code=ErrorCode.CLIENT_APP_RAISED_EXCEPTION, reason=reason), reply_to=message)
             try:
                 if self.client_app is qd_app_client:  # the app's clients (a test's own ClientApp may send anything)
-                    audit_reply(reply, context.run_config)
+                    audit_reply(reply, context.run_config, context.node_config)
             except AssertionError as leak:  # recorded, not raised: the server must not swallow it
                 LEAKS.append(str(leak))
             replies.append(reply)

@@ -3,10 +3,12 @@
 :func:`audit_reply` checks one reply a ClientApp sends; the in-process grid
 (``tests/inprocess.py``) calls it on every reply of every in-process test, so each method's
 whole lifecycle (train, unlearn, recover, relearn, HDUS's exchange, FU-MP's statistics) is
-audited: arrays must be parameters of the model the run exchanges (same names, same shapes),
-metrics and config values scalars, short strings or per-class / per-unit aggregates, and the
-whole reply no larger than that model plus a small margin.
-Images, labels, per-sample values and synthetic sets fail one of those checks.
+audited: arrays must be parameters of the model the run exchanges (same names, same shapes)
+and no larger than it; metrics and config values scalars, short strings, or lists no longer
+than the classes or partitions (per-class counts, partitions held), except FU-MP's
+per-class sums over a layer's units in the ``statistics`` record; everything beside the
+arrays within a small budget. Images, labels, per-sample values and synthetic sets fail
+one of those checks.
 """
 
 from __future__ import annotations
@@ -15,43 +17,49 @@ from functools import lru_cache
 
 from flwr.app import Message
 
+from qd_app import protocol
 from qd_app.config import RunConfig
 from qd_app.core.models import ModelSpec, build_model
 
-METRICS_MARGIN = 16 * 1024  # bytes of metrics a reply may carry beside its model
+METRICS_BUDGET = 16 * 1024  # bytes a reply may carry beside its model and FU-MP's statistics
 LONGEST_STRING = 1000  # a description or an error message (e.g. why a store is unusable)
 
 
 @lru_cache(maxsize=64)
-def _allowed_model(frozen_config: tuple) -> tuple[dict[str, tuple], int, int]:
+def _allowed_model(frozen_config: tuple) -> tuple[dict[str, tuple], int, int, int]:
     """The one model whose parameters a client of this run may send (HDUS: the seed model; its
     main model never leaves the client; every other method: the global model), its size in
-    bytes, and the longest aggregate list a reply may carry (per class, over a layer's units)."""
+    bytes, the number of classes and the longest per-unit statistic (classes x a layer's units)."""
     config = RunConfig.from_run_config(dict(frozen_config))
     spec = (ModelSpec.from_architecture(config.hdus_seed_model, config) if config.method == "hdus"
             else ModelSpec.from_config(config))
     state = build_model(spec).state_dict()
     size = sum(value.numel() * value.element_size() for value in state.values())
     widest = max(max(value.shape) for value in state.values() if value.dim())
-    return {key: tuple(value.shape) for key, value in state.items()}, size, widest * spec.num_classes
+    shapes = {key: tuple(value.shape) for key, value in state.items()}
+    return shapes, size, spec.num_classes, widest * spec.num_classes
 
 
-def audit_reply(reply: Message, run_config: dict) -> None:
+def audit_reply(reply: Message, run_config: dict, node_config: dict) -> None:
     """Raise AssertionError if ``reply`` carries anything but model parameters and small metrics."""
     if reply.has_error():
         return
-    model, model_bytes, longest_list = _allowed_model(tuple(sorted(run_config.items())))
-    content, size = reply.content, 0
+    model, model_bytes, classes, per_unit = _allowed_model(tuple(sorted(run_config.items())))
+    longest_list = max(classes, int(node_config.get("num-partitions", 0)))
+    content, kind = reply.content, reply.metadata.message_type
     for name, arrays in content.array_records.items():
         shapes = {key: tuple(array.shape) for key, array in arrays.items()}
         assert shapes.items() <= model.items(), (
-            f"{reply.metadata.message_type}: array record {name!r} is not a model's parameters: {sorted(shapes)[:4]}")
-        size += sum(array.numpy().nbytes for array in arrays.values())
+            f"{kind}: array record {name!r} is not a model's parameters: {sorted(shapes)[:4]}")
+        size = sum(array.numpy().nbytes for array in arrays.values())
+        assert size <= model_bytes, f"{kind}: array record {name!r} of {size} bytes, more than the model's"
+    beside = 0
     for name, record in list(content.metric_records.items()) + list(content.config_records.items()):
+        limit = per_unit if name == protocol.STATISTICS else longest_list
         for key, value in record.items():
-            size += _checked_size(f"{reply.metadata.message_type}: {name}[{key!r}]", value, longest_list)
-    assert size <= model_bytes + METRICS_MARGIN, (
-        f"{reply.metadata.message_type}: {size} bytes, more than the model's {model_bytes} bytes and metrics")
+            size = _checked_size(f"{kind}: {name}[{key!r}]", value, limit)
+            beside += size if name != protocol.STATISTICS else 0
+    assert beside <= METRICS_BUDGET, f"{kind}: {beside} bytes of metrics beside the model"
 
 
 def _checked_size(where: str, value, longest_list: int) -> int:

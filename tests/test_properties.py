@@ -8,6 +8,7 @@ import re
 import tempfile
 from pathlib import Path
 
+import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -149,15 +150,21 @@ def test_federation_up_with_a_bad_option_starts_nothing_and_writes_nothing(nodes
         assert files_under(root) == []
 
 
-def test_a_path_setting_that_names_a_file_is_refused(tmp_path):
+@pytest.mark.parametrize("below", ["", "sub/folder"])
+def test_a_path_setting_that_names_a_file_or_a_folder_inside_one_is_refused(tmp_path, below):
     afile = tmp_path / "results.txt"
     afile.write_text("not a folder")
     for key in PATH_KEYS:
-        try:
-            RunConfig.from_run_config({key: str(afile)})
-        except ConfigError as error:
-            assert str(error) == f"invalid setting {key}={str(afile)!r}: must be a folder (or a path where one " \
-                                 "can be made): it is a file"
-        else:
-            raise AssertionError(f"{key} naming a file accepted")
+        value = str(afile / below) if below else str(afile)
+        with pytest.raises(ConfigError) as error:
+            RunConfig.from_run_config({key: value})
+        assert str(error.value) == (f"invalid setting {key}={value!r}: must be a folder (or a path where one can be "
+                                    f"made): {afile} is a file")
     assert afile.read_text() == "not a folder"
+
+
+def test_numbers_beyond_float_range_and_overlong_experiment_names_are_refused():
+    with pytest.raises(ConfigError, match="invalid setting lr=1000.*: must be a finite number"):
+        RunConfig.from_run_config({"lr": 10 ** 400})
+    with pytest.raises(ConfigError, match="at most 200 characters"):
+        RunConfig.from_run_config({"experiment": "e" * 201})

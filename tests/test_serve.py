@@ -138,7 +138,7 @@ def test_bad_input_to_the_other_actions(trained, tmp_path, capsys):
     assert "unknown experiment 'other'" in capsys.readouterr().err
     (tmp_path / "file").write_text("x")
     assert qd_app(["requests", "list", "--output-dir", str(tmp_path / "file"), "--experiment", "tiny"]) == 2
-    assert "invalid option --output-dir=" in (error := capsys.readouterr().err) and "it is a file" in error
+    assert "invalid option --output-dir=" in (error := capsys.readouterr().err) and "is a file" in error
     assert snapshot(tmp_path) == {**before, "file": snapshot(tmp_path)["file"]}
 
 

@@ -144,20 +144,28 @@ def keep_seeds(client: ClientRun, content: RecordDict) -> RecordDict:
 
 def drop_seeds(client: ClientRun, config: ConfigRecord) -> RecordDict:
     """Delete the seed models of the partitions the message names; a client named itself
-    deletes its whole repository (its main model and seed model too)."""
+    deletes its whole repository (its main model and seed model too). A client without a
+    repository holds nothing to delete; one that holds none of them is left as it is."""
     dropped = {int(p) for p in config[protocol.DROP_PARTITIONS]}
     path = repository_file(client)
     if client.node.partition_id in dropped:
+        existed = path.is_file()
         path.unlink(missing_ok=True)
-        return _held(None, 0)
+        return _held(None, 0, [client.node.partition_id] if existed else [])
+    if not path.is_file():
+        return _held(None, 0, [])
     repository = load_repository(client)
+    removed = sorted(set(repository.neighbours) & dropped)
+    if not removed:
+        return _held(repository, path.stat().st_size, [])
     repository.neighbours = {p: s for p, s in repository.neighbours.items() if p not in dropped}
-    return _held(repository, save_repository(client, repository))
+    return _held(repository, save_repository(client, repository), removed)
 
 
-def _held(repository: Repository | None, store_bytes: int) -> RecordDict:
+def _held(repository: Repository | None, store_bytes: int, removed: list[int] | None = None) -> RecordDict:
     held = sorted(repository.neighbours) if repository else []
-    return RecordDict({protocol.METRICS: MetricRecord({protocol.SEEDS_HELD: held, protocol.STORE_BYTES: store_bytes,
+    return RecordDict({protocol.METRICS: MetricRecord({protocol.SEEDS_HELD: held, protocol.SEEDS_DROPPED: removed or [],
+                                                       protocol.STORE_BYTES: store_bytes,
                                                        protocol.SAMPLE_GRADIENTS: 0})})
 
 

@@ -39,7 +39,8 @@ TrainTask = Callable[[ClientRun, ArrayRecord, ConfigRecord], tuple[ArrayRecord, 
 
 
 def inventory(client: ClientRun) -> ConfigRecord:
-    """Partition, class counts and the state of this client's synthetic store.
+    """Partition, class counts, the state of this client's synthetic store and the bytes it
+    keeps (the store and, for HDUS, its repository).
 
     The store is read and verified in full (so a corrupt one is refused before any
     stage), and one forward and backward pass of the model warms this process up, so
@@ -55,6 +56,8 @@ def inventory(client: ClientRun) -> ConfigRecord:
             status = str(exc)
     else:
         status = protocol.STORE_STATUS_MISSING
+    repository = hdus.repository_file(client)  # HDUS keeps its models there instead
+    store_bytes += repository.stat().st_size if repository.is_file() else 0
     _warm_up(client)
     return ConfigRecord(
         {

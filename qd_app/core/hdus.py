@@ -61,6 +61,9 @@ def reference_and_evaluation(config: RunConfig) -> tuple[LabeledImages, LabeledI
         return test.subset(order[:size]), test.subset(order[size:])
     if config.hdus_reference == "other":
         other = load_split(OTHER_DATASET[config.dataset], config.data_path, False)
+        if size > len(other):
+            raise invalid("hdus-reference-size", size, f"must be at most the {OTHER_DATASET[config.dataset]} test "
+                          f"split's {len(other)} images with hdus-reference=other")
         source = dataset_spec(OTHER_DATASET[config.dataset])
         chosen = other.subset(torch.randperm(len(other), generator=generator)[:size])
         pixels = chosen.images * _column(source.std) + _column(source.mean)

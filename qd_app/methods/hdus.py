@@ -4,9 +4,9 @@ There is no global model. Each client trains a main model of its own architectur
 (``client-models``) and distils a seed model of a shared one (``hdus-seed-model``) on a
 reference set (:mod:`qd_app.core.hdus`); the server forwards each seed model to the
 sender's neighbours in ``hdus-topology`` and keeps none. Each client predicts with its main
-model and the seed models it holds. Forgetting client j: every neighbour of j deletes j's
-seed model (and j, if connected, its own state): no training, and each ensemble is exactly
-one that never held j's seed model.
+model and the seed models it holds. Forgetting client j: every client holding j's seed
+model (j's neighbours) deletes it, and j, if connected, its own state: no training, and
+each ensemble is exactly one that never held j's seed model.
 """
 
 from __future__ import annotations
@@ -134,17 +134,17 @@ class SeedExchange(HdusStage):
 
 
 class SeedDeletion(HdusStage):
-    """Unlearning clients: their neighbours delete their seed models and they, if connected,
-    their own state; nobody trains."""
+    """Unlearning clients: every connected client deletes the seed models of the forgotten
+    clients it holds, and a forgotten client, if connected, its own state; nobody trains.
+    Every client is asked (not only the neighbours of this run's ``hdus-topology``), so a
+    copy is found wherever the training run's graph put it."""
 
     stage_name = "unlearn"
 
     def __init__(self, ctx: MethodContext, forgotten: list[int], after: Forgotten) -> None:
         super().__init__(ctx, ctx.training_participants(after))
         self.forgotten = forgotten
-        connected = {self.federation.partition_of(node): node for node in self.federation.node_ids}
-        affected = {j for p in forgotten for j in self.graph[p] if j not in after.clients} | set(forgotten)
-        self.nodes = [connected[p] for p in sorted(affected) if p in connected]
+        self.nodes = list(self.federation.node_ids)
 
     def messages(self, server_round: int, grid: Grid) -> Iterable[Message]:
         if server_round > 1:
@@ -153,11 +153,14 @@ class SeedDeletion(HdusStage):
                 for node in self.nodes]
 
     def receive(self, server_round: int, replies: list[Message]) -> None:
+        deleted_at = []
         for partition, metrics, _ in self.answered(replies):
             still_held = set(metrics[protocol.SEEDS_HELD]) & set(self.forgotten)
             if still_held:
                 raise StageFailedError(f"partition {partition} still holds the seed models of {sorted(still_held)}")
-        self.cost.details["deleted-at"] = sorted(self.federation.partition_of(node) for node in self.nodes)
+            if metrics[protocol.SEEDS_DROPPED]:
+                deleted_at.append(partition)
+        self.cost.details["deleted-at"] = sorted(deleted_at)
 
 
 class HDUS(UnlearningMethod):
@@ -174,11 +177,11 @@ class HDUS(UnlearningMethod):
                                "method with a global model (e.g. quickdrop) for class requests")
         if action != "unlearn":
             raise RequestError("method='hdus' does not relearn: a forgotten client rejoins by training again "
-                               "(phase=train)")
+                               "(phase=train); with phase=all set relearn-rounds=0")
 
     def required_partitions(self, ctx: MethodContext, action: str, request: UnlearningRequest,
                             before: Forgotten) -> set[int]:
-        """A client that left need not be connected: its neighbours delete its seed model."""
+        """A client that left need not be connected: the clients holding its seed model delete it."""
         return super().required_partitions(ctx, action, request, before) - set(request.targets)
 
     def training(self, ctx: MethodContext) -> SeedExchange:
