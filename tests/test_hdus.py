@@ -127,11 +127,24 @@ def test_client_models_need_a_method_without_a_global_model(tiny_mnist_dir, tmp_
     assert not (tmp_path / "tiny").exists()
 
 
-def test_hdus_refuses_class_requests_and_relearning(tiny_mnist_dir, tmp_path):
+def test_hdus_refuses_class_requests_relearning_and_a_global_method_on_its_experiment(tiny_mnist_dir, tmp_path):
     run_server(tiny_run_config(tiny_mnist_dir, tmp_path, **HETEROGENEOUS), num_partitions=4)
     with pytest.raises(RequestError, match="method='hdus' forgets clients"):
         run_server(tiny_run_config(tiny_mnist_dir, tmp_path, **{**HETEROGENEOUS, "forget-class": "3"},
                                    phase="unlearn"), num_partitions=4)
     with pytest.raises(RequestError, match="method='hdus' does not relearn"):
         run_server(tiny_run_config(tiny_mnist_dir, tmp_path, **HETEROGENEOUS, phase="relearn",
+                                   **{"forget-client": "2"}), num_partitions=4)
+    global_method = {**HETEROGENEOUS, "method": "quickdrop", "client-models": ""}
+    with pytest.raises(RequestError, match="was trained without a global model \\(e.g. by method='hdus'\\); "
+                                           "method='quickdrop' needs one"):
+        run_server(tiny_run_config(tiny_mnist_dir, tmp_path, **global_method, phase="unlearn",
+                                   **{"forget-client": "2"}), num_partitions=4)
+
+
+def test_hdus_refuses_an_experiment_trained_with_a_global_model(tiny_mnist_dir, tmp_path):
+    run_server(tiny_run_config(tiny_mnist_dir, tmp_path, **{"method": "retrain", "forget-class": ""}), num_partitions=4)
+    with pytest.raises(RequestError, match="was trained with one global model; method='hdus' needs the clients' "
+                                           "own models"):
+        run_server(tiny_run_config(tiny_mnist_dir, tmp_path, **HETEROGENEOUS, phase="unlearn",
                                    **{"forget-client": "2"}), num_partitions=4)

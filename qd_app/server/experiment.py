@@ -47,8 +47,8 @@ from .federation import Federation, discover_federation, recorded_federation
 from .grid import for_deployment
 from .ledger import RUNNING, Ledger
 from .method import MethodContext, UnlearningMethod
-from .results import (TRAINED_CHECKPOINT_FILE, ExperimentRecord, StageRecord, entry_summary, load_checkpoint,
-                      model_digest, plot_class_accuracy, save_checkpoint, stores_summary, write_results)
+from .results import (TRAINED_CHECKPOINT_FILE, ExperimentRecord, StageRecord, check_checkpoint, entry_summary,
+                      load_checkpoint, model_digest, plot_class_accuracy, save_checkpoint, stores_summary, write_results)
 from .stages import ResetStage, Stage, StagePlan
 
 
@@ -129,10 +129,8 @@ class Experiment:  # pylint: disable=too-many-instance-attributes
     def _load_state(self) -> None:
         """Current model's lineage and forgotten state, the earlier results, a repaired ledger."""
         checkpoint = self.checkpoint = load_checkpoint(self.output_path)
-        for key, value in {"dataset": self.config.dataset, "model": self.model_spec.as_dict()}.items():
-            if checkpoint.get(key) != value:
-                raise RequestError(f"the model in {self.output_path} was trained with {key} {checkpoint.get(key)!r}, "
-                                   f"this run has {value!r}")
+        check_checkpoint(checkpoint, self.output_path, {"dataset": self.config.dataset, "model": self.model_spec.as_dict()},
+                         self.method.name, self.method.global_model)
         self.lineage = checkpoint["lineage"]
         self.ledger.import_old_log()
         self.ledger.repair(self.lineage, checkpoint["log-entries"], checkpoint["last-log-entry"])
@@ -309,8 +307,8 @@ class Experiment:  # pylint: disable=too-many-instance-attributes
                    last_log_entry: dict[str, Any] | None = None) -> Path:
         """Checkpoint the global model with what identifies it and the request state it reflects."""
         metadata = {"dataset": self.config.dataset, "model": self.model_spec.as_dict(),
-                    "experiment": self.config.experiment, "lineage": self.lineage, "log-entries": log_entries,
-                    "last-log-entry": last_log_entry or {}}
+                    "global-model": self.method.global_model, "experiment": self.config.experiment,
+                    "lineage": self.lineage, "log-entries": log_entries, "last-log-entry": last_log_entry or {}}
         state_dict = arrays.to_torch_state_dict()
         if name:
             return save_checkpoint(self.output_path, state_dict, metadata, name)

@@ -235,6 +235,22 @@ def load_checkpoint(output_path: Path, name: str = CHECKPOINT_FILE) -> dict[str,
     return content
 
 
+def check_checkpoint(checkpoint: dict[str, Any], output_path: Path, identity: dict[str, Any],
+                     method_name: str, global_model: bool) -> None:
+    """Refuse a checkpoint of another dataset or model, or one trained by the other kind of
+    method (one global model, or none: HDUS's clients keep their own)."""
+    trained_global = checkpoint.get("global-model", True)
+    if trained_global != global_model:
+        trained = "with one global model" if trained_global else "without a global model (e.g. by method='hdus')"
+        needs = "one" if global_model else "the clients' own models"
+        raise RequestError(f"the experiment in {output_path} was trained {trained}; method={method_name!r} needs "
+                           f"{needs}: serve it with a method of the kind that trained it, or train a new experiment")
+    for key, value in identity.items():
+        if checkpoint.get(key) != value:
+            raise RequestError(f"the model in {output_path} was trained with {key} {checkpoint.get(key)!r}, "
+                               f"this run has {value!r}")
+
+
 def entry_summary(entry: dict[str, Any]) -> str:
     """One line for the log: a served request's F-Set / R-Set before and after each stage, and its seconds."""
     parts = []
