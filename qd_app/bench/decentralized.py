@@ -17,12 +17,11 @@ from typing import Any
 
 import torch
 
-from ..client.hdus import load_repository, repository_file
+from ..client.hdus import load_repository, repository_file, stored_model
 from ..client.run import ClientRun
 from ..config import RunConfig
 from ..core.data import partition_indices
 from ..core.hdus import ensemble_probabilities, neighbours, reference_and_evaluation
-from ..core.models import build_model
 from .numbers import cell, mean_std
 from .runner import run_logged
 from .suites import EXPERIMENT, Suite
@@ -93,12 +92,11 @@ def accuracy_sweep(settings: dict[str, Any], stores: Path, clients: int,
         client = ClientRun.from_configs(run_config, {"partition-id": partition, "num-partitions": clients})
         if not repository_file(client).is_file():  # a client without data trained nothing
             continue
-        repository = load_repository(client)
-        models = [build_model(spec) for spec in (repository.main_spec, repository.seed_spec)]
-        for model, state in zip(models, (repository.main, repository.seed)):
-            model.load_state_dict(state)
-        main[partition], _ = ensemble_probabilities(models[0], [], test.images, 1.0, 1000, torch.device("cpu"))
-        seed[partition], _ = ensemble_probabilities(models[1], [], test.images, 1.0, 1000, torch.device("cpu"))
+        repository, cpu = load_repository(client), torch.device("cpu")
+        for outputs, spec, state in ((main, repository.main_spec, repository.main),
+                                     (seed, repository.seed_spec, repository.seed)):
+            outputs[partition], _ = ensemble_probabilities(stored_model(spec, state, cpu), [], test.images, 1.0,
+                                                           1000, cpu)
 
     def accuracy(probabilities: torch.Tensor) -> float:
         return float((probabilities.argmax(1) == test.labels).double().mean())

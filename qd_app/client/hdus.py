@@ -18,12 +18,13 @@ from flwr.app import ArrayRecord, ConfigRecord, MetricRecord, RecordDict
 from torch import nn
 
 from .. import protocol
+from ..config import field_name
 from ..core.hdus import distill_seed, ensemble_probabilities, reference_and_evaluation
 from ..core.models import ModelSpec, StateDict, build_model
 from ..core.training import make_optimizer, train_epochs
 from ..errors import StoreError
 from .run import ClientRun
-from .store import read_checked, write_checked
+from .store import check_identity, read_checked, write_checked
 
 SUFFIX = ".hdus"
 
@@ -66,11 +67,7 @@ def load_repository(client: ClientRun) -> Repository:
     """The client's repository, refused if missing, corrupt or made for another setup."""
     path = repository_file(client)
     tensors, metadata = read_checked(path)
-    expected = _identity(client)
-    differences = [f"{key} {metadata.get(key)!r} (this run: {value!r})" for key, value in expected.items()
-                   if metadata.get(key) != value]
-    if differences:
-        raise StoreError(f"repository {path} was written for another setup: {'; '.join(differences)}")
+    check_identity(path, metadata, _identity(client), "repository")
 
     def part(prefix: str) -> StateDict:
         return {key[len(prefix) + 1:]: value for key, value in tensors.items() if key.startswith(prefix + "/")}
@@ -79,7 +76,8 @@ def load_repository(client: ClientRun) -> Repository:
                       {int(p): part(f"neighbour-{p}") for p in metadata["neighbours"]})
 
 
-def _model(spec: ModelSpec, state: StateDict, device: torch.device) -> nn.Module:
+def stored_model(spec: ModelSpec, state: StateDict, device: torch.device) -> nn.Module:
+    """A model of ``spec`` holding ``state``, on ``device``."""
     model = build_model(spec)
     model.load_state_dict(state)
     return model.to(device)
@@ -87,7 +85,7 @@ def _model(spec: ModelSpec, state: StateDict, device: torch.device) -> nn.Module
 
 def _settings(client: ClientRun, config: ConfigRecord):
     """The run config as the message's HDUS settings say (they travel in every HDUS message)."""
-    changes = {key.replace("-", "_"): config[key] for key in protocol.HDUS_SETTINGS if key in config}
+    changes = {field_name(key): config[key] for key in protocol.HDUS_SETTINGS if key in config}
     return client.config.replace(**changes)
 
 
@@ -134,7 +132,7 @@ def keep_seeds(client: ClientRun, content: RecordDict) -> RecordDict:
         partition = int(name.removeprefix("seed-"))
         state = record.to_torch_state_dict()
         try:
-            _model(repository.seed_spec, state, torch.device("cpu"))
+            stored_model(repository.seed_spec, state, torch.device("cpu"))
         except RuntimeError as exc:
             raise StoreError(f"the seed model of partition {partition} is not a {repository.seed_spec.name} of this "
                              "run's hdus-seed-model: every client of a run distils the same seed architecture") from exc
@@ -172,8 +170,8 @@ def _held(repository: Repository | None, store_bytes: int, removed: list[int] | 
 def ensemble_outputs(client: ClientRun, repository: Repository, images: torch.Tensor,
                      weight: float) -> tuple[torch.Tensor, torch.Tensor]:
     """Probabilities of the main model alone and of the ensemble of the repository on ``images``."""
-    main = _model(repository.main_spec, repository.main, client.device)
-    seeds = [_model(repository.seed_spec, state, client.device)
+    main = stored_model(repository.main_spec, repository.main, client.device)
+    seeds = [stored_model(repository.seed_spec, state, client.device)
              for _, state in sorted(repository.neighbours.items())]
     return ensemble_probabilities(main, seeds, images, weight, client.config.eval_batch_size, client.device)
 

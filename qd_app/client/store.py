@@ -31,9 +31,6 @@ from ..errors import StoreError
 MAGIC = b"QDSTORE\n"
 FORMAT_VERSION = 1
 SUFFIX = ".qdstore"
-# Metadata that must equal the run's for a store to be used.
-IDENTITY_KEYS = ("dataset", "model", "experiment", "partition-id", "num-partitions", "partitioning", "alpha",
-                 "seed", "scale")
 
 
 def store_path(store_dir: Path, experiment: str, partition_id: int) -> Path:
@@ -99,15 +96,16 @@ def read_checked(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     return torch.load(io.BytesIO(payload), weights_only=True), header["metadata"]
 
 
-def check_identity(path: Path, stored: dict[str, Any], expected: dict[str, Any]) -> None:
-    """Refuse a store made for another dataset, model, partition or experiment."""
+def check_identity(path: Path, stored: dict[str, Any], expected: dict[str, Any], kind: str = "store") -> None:
+    """Refuse a ``kind`` of file (a store, HDUS's repository) made for another setup: any key
+    of ``expected`` (dataset, model, partition, experiment, ...) it records otherwise."""
     differences = [
-        f"{key} {stored.get(key)!r} (this run: {expected[key]!r})"
-        for key in IDENTITY_KEYS
-        if stored.get(key) != expected[key]
+        f"{key} {stored.get(key)!r} (this run: {value!r})"
+        for key, value in expected.items()
+        if stored.get(key) != value
     ]
     if differences:
-        raise StoreError(f"store {path} was written for another setup: " + "; ".join(differences))
+        raise StoreError(f"{kind} {path} was written for another setup: " + "; ".join(differences))
 
 
 def _parse_header(path: Path, prefix: bytes, handle) -> dict[str, Any]:

@@ -49,8 +49,6 @@ class HdusStage(RelayStage):
         super().__init__()
         self.federation: Federation = ctx.federation
         self.settings = hdus_settings(ctx)
-        config = ctx.config
-        self.graph = neighbours(self.federation.num_partitions, config.hdus_topology, config.hdus_degree)
         self.evaluated = evaluated
 
     def message(self, node: int, action: str, server_round: int, extra: dict[str, Any] | None = None,
@@ -106,6 +104,8 @@ class SeedExchange(HdusStage):
     def __init__(self, ctx: MethodContext) -> None:
         self.nodes = ctx.training_participants(NOTHING_FORGOTTEN)  # clients with data
         super().__init__(ctx, self.nodes)
+        config = ctx.config
+        self.graph = neighbours(self.federation.num_partitions, config.hdus_topology, config.hdus_degree)
         self.seeds: dict[int, ArrayRecord] = {}
         self.last_metrics: dict[int, MetricRecord] = {}
 
