@@ -221,3 +221,12 @@ def test_resume_takes_a_seed_an_earlier_invocation_finished_and_runs_the_others(
     other = replace(suite, methods=("retrain",))  # other methods: not the same results
     bench_main._seed_results(None, other, {}, 0, tmp_path, {}, True, third)
     assert runs == [0, 1, 0] and "resumed" not in third
+
+
+def test_the_profile_times_plain_looped_and_batched_steps(tiny_mnist_dir, capsys):
+    from qd_app.bench import profile
+
+    profile.main(["--partition", "1", "--steps", "2", "--repeats", "1", "--data-dir", str(tiny_mnist_dir)])
+    rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| ")][2:]
+    assert [row.split(" | ")[0][2:] for row in rows] == list(profile.KINDS)
+    assert rows[0].endswith("| 0.0 | 0.0 % |") and all(float(row.split(" | ")[1]) > 0 for row in rows)

@@ -9,16 +9,15 @@ import torch
 
 from qd_app.config import RunConfig
 from qd_app.core.data import LabeledImages, load_split
+from qd_app.core import matching
 from qd_app.core.distillation import (
-    class_distance,
     finetune_synthetic,
-    gradient_distance,
     initial_synthetic_set,
-    layer_distance,
     nearest_real_distances,
     synthetic_count,
     train_with_distillation,
 )
+from qd_app.core.matching import batched_distance, class_distance, gradient_distance, layer_distance, matching_distance
 from qd_app.core.models import ModelSpec, build_model
 from qd_app.core.training import make_optimizer, seeded_generator
 
@@ -75,6 +74,71 @@ def test_matching_reduces_the_distance_to_the_real_gradient(tiny_mnist_dir):
         images.grad = torch.autograd.grad(distance, images)[0]
         optimizer.step()
     assert distances[-1] < 0.8 * distances[0]
+
+
+def _class_batches(model, sizes):
+    """Synthetic images (leaves) of classes 0.. with the given sizes, and a real gradient per class."""
+    generator = torch.Generator().manual_seed(3)
+    params = [p for p in model.parameters() if p.requires_grad]
+    images = [torch.randn(size, 1, 28, 28, generator=generator).requires_grad_(True) for size in sizes]
+    real = []
+    for cls in range(len(sizes)):
+        real_images = torch.randn(6, 1, 28, 28, generator=generator)
+        loss = torch.nn.functional.cross_entropy(model(real_images), torch.full((6,), cls))
+        real.append(torch.autograd.grad(loss, params))
+    return params, images, real
+
+
+@pytest.mark.parametrize("architecture", [{"model_norm": "instance"}, {"model_norm": "none", "model_pooling": "max"},
+                                          "mlp"])
+def test_batched_matching_gives_the_per_class_distance_and_image_gradients(architecture):
+    spec = (ModelSpec.from_architecture(architecture, RunConfig()) if isinstance(architecture, str)
+            else ModelSpec.from_config(RunConfig(model_width=8, **architecture)))
+    model = build_model(spec, seed=0)
+    params, images, real = _class_batches(model, [4, 1, 3])
+    looped = torch.stack([class_distance(model, params, x, cls, g) for cls, (x, g) in enumerate(zip(images, real))]).sum()
+    batched = batched_distance(model, [0, 1, 2], images, real)
+    assert batched.item() == pytest.approx(looped.item(), rel=1e-5)
+    for a, b in zip(torch.autograd.grad(looped, images), torch.autograd.grad(batched, images)):
+        assert (a - b).abs().max() <= 1e-4 * a.abs().max()  # float rounding only
+
+
+def test_batch_norm_and_uneven_classes_are_matched_class_by_class(monkeypatch):
+    calls = []
+    monkeypatch.setattr(matching, "batched_distance", lambda *args: calls.append(args) or torch.zeros(()))
+    batch_norm = build_model(ModelSpec.from_config(RunConfig(model_width=8, model_norm="batch")), seed=0)
+    params, images, real = _class_batches(batch_norm, [4, 4])
+    looped = sum(class_distance(batch_norm, params, x, cls, g).item() for cls, (x, g) in enumerate(zip(images, real)))
+    running_mean = batch_norm.features[1].running_mean.clone()
+    assert matching_distance(batch_norm, [0, 1], images, real).item() == pytest.approx(looped, rel=1e-4)
+    assert not torch.equal(running_mean, batch_norm.features[1].running_mean)  # as the per-class loop does
+    instance = build_model(ModelSpec.from_config(RunConfig(model_width=8)), seed=0)
+    params, images, real = _class_batches(instance, [9, 1, 1])  # padding 27 slots for 11 images
+    matching_distance(instance, [0, 1, 2], images, real)
+    assert not calls
+    params, images, real = _class_batches(instance, [4, 3, 4])
+    matching_distance(instance, [0, 1, 2], images, real)
+    assert len(calls) == 1
+
+
+def test_training_with_batched_matching_equals_training_class_by_class(tiny_mnist_dir):
+    data = load_split("mnist", tiny_mnist_dir, True).subset(torch.arange(300))
+    spec = ModelSpec.from_config(RunConfig(model_width=8))
+    results = []
+    for batched in (True, False):
+        store = initial_synthetic_set(data, scale=10, generator=seeded_generator(0))
+        model = build_model(spec, seed=0)
+        stats = train_with_distillation(
+            model, data, store, optimizer=make_optimizer(model, 0.05, momentum=0.9), image_lr=0.1,
+            image_momentum=0.5, image_batch=4, epochs=1, batch_size=50, generator=seeded_generator(1), batched=batched)
+        results.append((model.state_dict(), store.synthetic.images, stats))
+    (model_a, images_a, stats_a), (model_b, images_b, stats_b) = results
+    assert torch.allclose(images_a, images_b, atol=1e-5)
+    assert not torch.equal(images_a, initial_synthetic_set(data, 10, seeded_generator(0)).synthetic.images)
+    for a, b in zip(model_a.values(), model_b.values()):
+        assert torch.allclose(a, b, atol=1e-5)
+    assert stats_a.sample_gradients == stats_b.sample_gradients
+    assert stats_a.mean_distance == pytest.approx(stats_b.mean_distance, rel=1e-5)
 
 
 def test_training_with_distillation_updates_the_model_as_sgd_would_and_changes_the_images(tiny_mnist_dir):

@@ -10,6 +10,8 @@ import torch
 from qd_app.core.data import LabeledImages
 from qd_app.core.distillation import SyntheticSet
 from qd_app.errors import StoreError
+from qd_app.client import run as run_module
+from qd_app.client.run import kept_client
 from qd_app.client.store import check_identity, load_store, save_store, store_path
 
 
@@ -76,3 +78,40 @@ def test_store_of_another_setup_is_refused_naming_the_difference(tmp_path):
     with pytest.raises(StoreError, match="written for another setup: dataset 'mnist' \\(this run: 'cifar10'\\)"):
         check_identity(path, IDENTITY, {**IDENTITY, "dataset": "cifar10"})
     check_identity(path, IDENTITY, dict(IDENTITY))
+
+
+def _client(tmp_path, tiny_mnist_dir, partition=0, **settings):
+    run_config = {"data-dir": str(tiny_mnist_dir), "store-dir": str(tmp_path / "stores"), "experiment": "e", **settings}
+    return kept_client(run_config, {"partition-id": partition, "num-partitions": 3})
+
+
+def test_a_process_keeps_the_clients_of_its_last_runs(tmp_path, tiny_mnist_dir):
+    first = _client(tmp_path, tiny_mnist_dir)
+    assert _client(tmp_path, tiny_mnist_dir) is first
+    other_partition = _client(tmp_path, tiny_mnist_dir, partition=1)
+    for seed in range(1, run_module.KEEP_RUNS + 1):  # newer runs push the first one out
+        _client(tmp_path, tiny_mnist_dir, seed=seed)
+    assert _client(tmp_path, tiny_mnist_dir) is not first
+    assert _client(tmp_path, tiny_mnist_dir, partition=1) is not other_partition
+
+
+def test_a_kept_store_is_read_once_and_again_when_its_file_changes(tmp_path, tiny_mnist_dir, monkeypatch):
+    client = _client(tmp_path, tiny_mnist_dir, seed=7)
+    reads = []
+    monkeypatch.setattr(run_module, "load_store", lambda path: reads.append(path) or load_store(path))
+    client.save_store(make_set(0.5), {"rounds-distilled": 1})
+    first, metadata = client.load_store()
+    first.synthetic.images.add_(100)  # a caller's changes stay its own
+    metadata["rounds-distilled"] = 99
+    again, metadata = client.load_store()
+    assert len(reads) == 1 and float(again.synthetic.images.max()) == 0.5 and metadata["rounds-distilled"] == 1
+    client.save_store(make_set(2.0), {"rounds-distilled": 2})
+    assert float(client.load_store()[0].synthetic.images.max()) == 2.0 and len(reads) == 2
+    content = bytearray(client.store_file.read_bytes())
+    content[-5] ^= 0xFF  # corrupted in place: same size, a new modification time
+    client.store_file.write_bytes(bytes(content))
+    with pytest.raises(StoreError, match="checksum"):
+        client.load_store()
+    client.store_file.unlink()
+    with pytest.raises(StoreError, match="no client store"):
+        client.load_store()

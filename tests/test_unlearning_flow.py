@@ -68,7 +68,8 @@ def warnings_logged(monkeypatch, module) -> list[str]:
 
 
 def test_phase_all_trains_unlearns_recovers_and_relearns_a_class(tiny_mnist_dir, tmp_path):
-    config = tiny_run_config(tiny_mnist_dir, tmp_path, phase="all", **{"forget-class": "3"}, **STRONG_UNLEARNING)
+    config = tiny_run_config(tiny_mnist_dir, tmp_path, phase="all", **{"forget-class": "3", "unlearn-rounds": 3},
+                             **STRONG_UNLEARNING)
     grid = run_server(config)
     record = results(tmp_path)
     assert [s["name"] for s in record["stages"]] == ["train", "unlearn", "recover", "relearn"]

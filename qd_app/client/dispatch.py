@@ -19,7 +19,7 @@ def answer(message_type: str, content: RecordDict, context: Context) -> RecordDi
     node = NodeSettings.from_node_config(context.node_config)
     if node.worker:
         return run_remote(message_type, content, context.run_config, context.node_config, node)
-    from .run import ClientRun  # pylint: disable=import-outside-toplevel  (torch: only where the task runs)
+    from .run import kept_client  # pylint: disable=import-outside-toplevel  (torch: only where the task runs)
     from .tasks import run_task  # pylint: disable=import-outside-toplevel
 
-    return run_task(message_type, ClientRun.from_context(context), content)
+    return run_task(message_type, kept_client(context.run_config, context.node_config), content)

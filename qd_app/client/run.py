@@ -1,19 +1,25 @@
 """A client's view of a run: its validated settings, its data, its model and its store.
 
 Built from the run and node config of a message's context (or the same two dicts in
-the node's worker process); the data are loaded once per object and kept.
+the node's worker process). A process keeps the clients of its last runs
+(:func:`kept_client`), so a client's partition is sliced once per run and its store read
+and checksummed once, not on every message: in simulation one process serves many
+messages of many partitions.
 """
 
 from __future__ import annotations
 
+import copy
 import functools
+import json
+from collections import OrderedDict
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, Context
+from flwr.app import ArrayRecord, ConfigRecord
 from torch import nn
 
 from .. import protocol
@@ -34,11 +40,7 @@ class ClientRun:
     config: RunConfig
     node: NodeSettings
     device: torch.device
-
-    @classmethod
-    def from_context(cls, context: Context) -> ClientRun:
-        """Validate the run and node settings of a message's context."""
-        return cls.from_configs(context.run_config, context.node_config)
+    _store: dict[str, Any] = field(default_factory=dict, init=False, compare=False, repr=False)
 
     @classmethod
     def from_configs(cls, run_config: Mapping[str, Any], node_config: Mapping[str, Any]) -> ClientRun:
@@ -89,10 +91,23 @@ class ClientRun:
         }
 
     def load_store(self) -> tuple[SyntheticSet, dict[str, Any]]:
-        """The client's store, refused if it was made for another setup."""
-        synthetic_set, metadata = load_store(self.store_file)
-        check_identity(self.store_file, metadata, self.store_identity())
-        return synthetic_set, metadata
+        """A copy of the client's store, refused if it was made for another setup.
+
+        The file is read, checksummed and checked once; later calls read it again only if
+        it changed (another inode, size or modification time: every write replaces it).
+        """
+        path = self.store_file
+        try:
+            stat = path.stat()
+            version = (stat.st_ino, stat.st_size, stat.st_mtime_ns)
+        except OSError:
+            version = None
+        if version is None or self._store.get("version") != version:
+            self._store.clear()
+            synthetic_set, metadata = load_store(path)
+            check_identity(path, metadata, self.store_identity())
+            self._store.update(version=version, synthetic_set=synthetic_set, metadata=metadata)
+        return _copy_set(self._store["synthetic_set"]), copy.deepcopy(self._store["metadata"])
 
     def save_store(self, synthetic_set: SyntheticSet, metadata: dict[str, Any]) -> int:
         """Write the store atomically; returns its size in bytes."""
@@ -122,3 +137,28 @@ class ClientRun:
     def generator(self, config: ConfigRecord, stage: int) -> torch.Generator:
         """Randomness of one client in one round of one stage, reproducible from ``seed``."""
         return seeded_generator(self.config.seed, stage, int(config[protocol.SERVER_ROUND]), self.node.partition_id)
+
+
+def _copy_set(synthetic_set: SyntheticSet) -> SyntheticSet:
+    """A copy the caller may change in place (training updates the synthetic images)."""
+    return SyntheticSet(*(LabeledImages(part.images.clone(), part.labels.clone())
+                          for part in (synthetic_set.synthetic, synthetic_set.augmentation)))
+
+
+KEEP_RUNS = 2  # the runs (settings) whose clients a process keeps
+_kept: OrderedDict[str, dict[str, ClientRun]] = OrderedDict()
+
+
+def kept_client(run_config: Mapping[str, Any], node_config: Mapping[str, Any]) -> ClientRun:
+    """The client of these settings, built once per process and kept, with every other
+    partition's client of the same run, until a process has seen ``KEEP_RUNS`` newer runs.
+    Memory: at most the dataset's training split per kept run (partitions are disjoint)."""
+    run_key = json.dumps(dict(run_config), sort_keys=True, default=str)
+    node_key = json.dumps(dict(node_config), sort_keys=True, default=str)
+    clients = _kept.pop(run_key, {})
+    if node_key not in clients:
+        clients[node_key] = ClientRun.from_configs(run_config, node_config)
+    _kept[run_key] = clients
+    while len(_kept) > KEEP_RUNS:
+        _kept.popitem(last=False)
+    return clients[node_key]

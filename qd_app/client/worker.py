@@ -3,16 +3,15 @@
     python -m qd_app.client.worker --address NAME --key-file PATH --watch PID [--idle-seconds S]
 
 Started by :mod:`qd_app.client.remote` (see there). It serves one message at a time, as
-the SuperNode sends them, and keeps the last few :class:`~qd_app.client.run.ClientRun`
-objects (one per run's settings) so that a client's partition is loaded once per run,
-not once per message. It exits when process ``--watch`` (the node's SuperExec) is gone,
+the SuperNode sends them, and keeps the clients of its last runs
+(:func:`~qd_app.client.run.kept_client`) so that a client's partition is loaded once per
+run, not once per message. It exits when process ``--watch`` (the node's SuperExec) is gone,
 after ``--idle-seconds`` without a message, or when asked to stop.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import threading
 import time
@@ -23,33 +22,20 @@ from typing import Any
 
 from ..errors import UserFacingError
 from .remote import STOP, from_plain, to_plain
-from .run import ClientRun
+from .run import kept_client
 from .tasks import run_task
-
-KEEP_RUNS = 2
-
 
 class Worker:
     """Serves task requests from the node's ClientApps."""
 
     def __init__(self) -> None:
-        self.clients: dict[str, ClientRun] = {}
         self.last_message = time.monotonic()
-
-    def client(self, run_config: dict[str, Any], node_config: dict[str, Any]) -> ClientRun:
-        """The client of these settings, built once and kept for the next messages."""
-        key = json.dumps([run_config, node_config], sort_keys=True, default=str)
-        if key not in self.clients:
-            while len(self.clients) >= KEEP_RUNS:
-                self.clients.pop(next(iter(self.clients)))
-            self.clients[key] = ClientRun.from_configs(run_config, node_config)
-        return self.clients[key]
 
     def handle(self, request: dict[str, Any]) -> dict[str, Any]:
         """Run one task; a failure comes back as its message, as a ClientApp would report it."""
         self.last_message = started = time.monotonic()
         try:
-            client = self.client(request["run-config"], request["node-config"])
+            client = kept_client(request["run-config"], request["node-config"])
             content = run_task(request["type"], client, from_plain(request["content"]))
             print(f"{time.strftime('%H:%M:%S')} {request['type']}: {time.monotonic() - started:.2f} s", flush=True)
             return {"ok": True, "content": to_plain(content)}

@@ -22,31 +22,9 @@ import torch
 from torch import nn
 
 from .data import LabeledImages
+from .matching import matching_distance
 from .models import ModelSpec, build_model
 from .training import TrainStats, batch_indices
-
-MATCH_EPSILON = 1e-6
-
-
-def layer_distance(synthetic: torch.Tensor, real: torch.Tensor) -> torch.Tensor:
-    """DC distance between two gradients of one parameter tensor.
-
-    Rows are output units (a conv weight ``(out, in, h, w)`` becomes ``(out, in*h*w)``,
-    a linear weight stays ``(out, in)``); the distance is the sum over rows of
-    ``1 - cos(row_s, row_r)``. 1-D tensors (biases, norm parameters) contribute 0.
-    """
-    if synthetic.dim() == 1:
-        return synthetic.new_zeros(())
-    a = synthetic.reshape(synthetic.shape[0], -1)
-    b = real.reshape(real.shape[0], -1)
-    cosine = (a * b).sum(dim=1) / (a.norm(dim=1) * b.norm(dim=1) + MATCH_EPSILON)
-    return (1.0 - cosine).sum()
-
-
-def gradient_distance(synthetic: Sequence[torch.Tensor], real: Sequence[torch.Tensor]) -> torch.Tensor:
-    """Sum of :func:`layer_distance` over the parameter tensors of a model."""
-    return torch.stack([layer_distance(s, r) for s, r in zip(synthetic, real, strict=True)]).sum()
-
 
 @dataclass
 class SyntheticSet:
@@ -155,6 +133,7 @@ def train_with_distillation(  # pylint: disable=too-many-arguments,too-many-loca
     generator: torch.Generator,
     max_steps: int = 0,
     device: torch.device = torch.device("cpu"),
+    batched: bool = True,
 ) -> DistillStats:
     """Local SGD on ``data`` that also distils it into ``synthetic`` (updated in place).
 
@@ -163,6 +142,7 @@ def train_with_distillation(  # pylint: disable=too-many-arguments,too-many-loca
     images, which take one SGD step (``image_lr``, ``image_momentum``) on the summed
     class-wise distance. ``distill_seconds`` times that synthetic-image work (lines 14-15
     of the paper's Algorithm 2), the overhead over plain FedAvg the paper's Table 6 reports.
+    ``batched``: see :func:`~qd_app.core.matching.matching_distance` (same result either way).
     """
     stats = DistillStats()
     if len(data) == 0:
@@ -174,8 +154,7 @@ def train_with_distillation(  # pylint: disable=too-many-arguments,too-many-loca
     for batch in batch_indices(len(data), batch_size, epochs, max_steps, generator):
         images, labels = data.images[batch].to(device), data.labels[batch].to(device)
         update = [torch.zeros_like(p) for p in params]
-        distance = torch.zeros((), device=device)
-        matched = []
+        classes, chosen, targets = [], [], []
         for cls in labels.unique().tolist():
             members = labels == cls
             loss = nn.functional.cross_entropy(model(images[members]), labels[members])
@@ -185,20 +164,20 @@ def train_with_distillation(  # pylint: disable=too-many-arguments,too-many-loca
                 total.add_(grad, alpha=weight)
             stats.loss_sum += float(loss.detach()) * int(members.sum())
             if cls in class_images:
-                started = _synchronized_clock(device)
-                leaf = class_images[cls]
-                chosen = torch.randperm(len(leaf), generator=generator)[:image_batch].to(device)
-                distance = distance + class_distance(model, params, leaf[chosen], cls, class_grads)
-                matched.append(leaf)
-                stats.sample_gradients += len(chosen)
-                stats.distill_seconds += _synchronized_clock(device) - started
-        if matched:
+                classes.append(cls)
+                chosen.append(torch.randperm(len(class_images[cls]), generator=generator)[:image_batch].to(device))
+                targets.append(class_grads)
+        if classes:
             started = _synchronized_clock(device)
+            leaves = [class_images[cls] for cls in classes]
+            distance = matching_distance(model, classes, [leaf[order] for leaf, order in zip(leaves, chosen)],
+                                         targets, batched)
             image_optimizer.zero_grad(set_to_none=True)
-            for leaf, grad in zip(matched, torch.autograd.grad(distance, matched)):
+            for leaf, grad in zip(leaves, torch.autograd.grad(distance, leaves)):
                 leaf.grad = grad
             image_optimizer.step()
-            stats.matching_steps += len(matched)
+            stats.matching_steps += len(leaves)
+            stats.sample_gradients += sum(len(order) for order in chosen)
             stats.distance_sum += float(distance.detach())
             stats.distill_seconds += _synchronized_clock(device) - started
         optimizer.zero_grad(set_to_none=True)
@@ -217,19 +196,6 @@ def _class_leaves(images: LabeledImages, device: torch.device) -> dict[int, torc
         cls: images.images[images.labels == cls].to(device).clone().requires_grad_(True)
         for cls in sorted(set(images.labels.tolist()))
     }
-
-
-def class_distance(
-    model: nn.Module,
-    params: list[torch.Tensor],
-    synthetic_images: torch.Tensor,
-    cls: int,
-    real_grads: Sequence[torch.Tensor],
-) -> torch.Tensor:
-    targets = torch.full((len(synthetic_images),), cls, dtype=torch.long, device=synthetic_images.device)
-    loss = nn.functional.cross_entropy(model(synthetic_images), targets)
-    synthetic_grads = torch.autograd.grad(loss, params, create_graph=True)
-    return gradient_distance(synthetic_grads, [g.detach() for g in real_grads])
 
 
 def _write_back(synthetic: SyntheticSet, class_images: dict[int, torch.Tensor]) -> None:
@@ -273,15 +239,15 @@ def finetune_synthetic(  # pylint: disable=too-many-arguments,too-many-locals
         params = [p for p in model.parameters() if p.requires_grad]
         model_optimizer = torch.optim.SGD(params, lr=0.01)
         for _ in range(inner_steps):
-            distance = torch.zeros((), device=device)
-            for cls, leaf in class_images.items():
+            real_grads = []
+            for cls in class_images:
                 chosen = members[cls][torch.randperm(len(members[cls]), generator=generator)[:batch_size]]
                 targets = torch.full((len(chosen),), cls, dtype=torch.long, device=device)
                 real_loss = nn.functional.cross_entropy(model(data.images[chosen].to(device)), targets)
-                real_grads = torch.autograd.grad(real_loss, params)
-                distance = distance + class_distance(model, params, leaf, cls, real_grads)
-                sample_gradients += len(chosen) + len(leaf)
+                real_grads.append(torch.autograd.grad(real_loss, params))
+                sample_gradients += len(chosen) + len(class_images[cls])
             leaves = list(class_images.values())
+            distance = matching_distance(model, list(class_images), leaves, real_grads)
             image_optimizer.zero_grad(set_to_none=True)
             for leaf, grad in zip(leaves, torch.autograd.grad(distance, leaves)):
                 leaf.grad = grad
