@@ -87,6 +87,7 @@ NUM_EXAMPLES = "num-examples"  # aggregation weight: the size of the data the cl
 SAMPLE_GRADIENTS = "sample-gradients"  # per-sample gradient computations
 COMPUTE_SECONDS = "compute-seconds"  # the client's local work
 DISTILL_SECONDS = "distill-seconds"  # the part of it spent on synthetic images
+PEAK_MEMORY = "peak-memory-mb"  # the client process's peak resident memory so far
 TRAIN_LOSS = "train-loss"
 MATCH_DISTANCE = "match-distance"
 STORE_BYTES = "store-bytes"

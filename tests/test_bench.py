@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import tomllib
 from dataclasses import replace
 
@@ -230,3 +231,58 @@ def test_the_profile_times_plain_looped_and_batched_steps(tiny_mnist_dir, capsys
     rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| ")][2:]
     assert [row.split(" | ")[0][2:] for row in rows] == list(profile.KINDS)
     assert rows[0].endswith("| 0.0 | 0.0 % |") and all(float(row.split(" | ")[1]) > 0 for row in rows)
+
+
+def test_the_training_length_sweep_reports_retrain_or_and_the_speedup_per_length(tmp_path):
+    suite = SUITES["training-length"]
+    assert [v["num-server-rounds"] for v in suite.variants.values()] == [5, 10, 20]
+    summary = summarise(seeds(), suite.methods)
+    report = {"command": "c", "machine": "m", "seeds": [0, 1], "settings": suite.settings,
+              "variants": {"5 rounds": {"seeds": seeds(), "summary": summary}}}
+    table = markdown(suite, report)
+    assert "| QuickDrop faster by | Retrain-Or's sample gradients per QuickDrop's |" in table
+    # Retrain-Or 300 and 500 s against 2.0 and 2.5 s: 150x and 200x; both rows 100 sample gradients
+    assert "| 400.0 ± 100.0 | 175.0 ± 25.0x | 1.0 ± 0.0 |" in table
+    plot(suite, report, tmp_path / "length.png")
+    assert (tmp_path / "length.png").stat().st_size > 1000
+
+
+def test_the_federation_size_sweep_runs_each_size_and_reports_round_time_and_memory(tmp_path):
+    suite = SUITES["federation-size"]
+    assert list(suite.variant_clients.values()) == [10, 20, 50, 100]
+    assert suite.variants["100 clients, 10 % per round"] == {"fraction-train": 0.1}
+    per_seed = [{**seed, "train-round-seconds": 60.0, "client-peak-mb": 900.0, "server-peak-mb": 700.0 + seed["seed"]}
+                for seed in seeds()]
+    report = {"command": "c", "machine": "m", "seeds": [0, 1], "settings": suite.settings,
+              "variants": {"20 clients": {"seeds": per_seed, "summary": summarise(per_seed, suite.methods)}}}
+    table = markdown(suite, report)
+    assert "| seconds per training round | a client process's peak (MB) | the server process's peak (MB) |" in table
+    assert table.splitlines()[-1].endswith("| 60.0 ± 0.0 | 900.0 ± 0.0 | 700.5 ± 0.5 |")
+
+
+def test_each_variant_runs_on_its_own_number_of_clients(tmp_path, monkeypatch):
+    sizes = []
+
+    class Link:  # no SuperLink: the seeds are not run
+        def __init__(self, *args, **kwargs):
+            pass
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc_info):
+            pass
+
+    def seed_results(link, suite, overrides, seed, folder, trainings, resume, report):
+        sizes.append((suite.clients, overrides))
+        return {"": seeds()[0]}
+
+    monkeypatch.setattr(bench_main, "SimulationSuperLink", Link)
+    monkeypatch.setattr(bench_main, "staged_app", lambda folder: folder)
+    monkeypatch.setattr(bench_main, "_seed_results", seed_results)
+    monkeypatch.setattr(bench_main, "plot", lambda *args: None)
+    args = argparse.Namespace(work=tmp_path, out=tmp_path / "results", resume=False, quick=True, methods=None,
+                              variant=[])
+    bench_main._run_suite(SUITES["federation-size"], args, [0], {}, ["federation-size", "--quick"])
+    assert sizes == [(10, {}), (20, {}), (50, {}), (100, {"fraction-train": 0.1})]
+    assert "| 100 clients, 10 % per round |" in (tmp_path / "results" / "federation-size-quick.md").read_text()

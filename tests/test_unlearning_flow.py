@@ -82,6 +82,7 @@ def test_phase_all_trains_unlearns_recovers_and_relearns_a_class(tiny_mnist_dir,
         unlearn_request["total-seconds"] / record["stages"][0]["seconds"])
     train = record["stages"][0]
     assert 0 < train["distill-seconds"] < train["compute-seconds"]  # clients' synthetic-image work, within their own
+    assert train["client-peak-mb"] > 10 and train["server-peak-mb"] > 10  # processes' peak memory, in MB
     stores = record["stores"]  # each client's synthetic images, compared with its real ones at the end of training
     assert len(stores["synthetic-nearest"]) == 3 and all(d > 0 for d in stores["synthetic-nearest"])
     assert all(0 <= low <= mean for low, mean in zip(stores["synthetic-nearest-min"], stores["synthetic-nearest"]))

@@ -103,11 +103,12 @@ def _run_suite(suite: Suite, args: argparse.Namespace, seeds: list[int], trainin
     }
     for variant, overrides in suite.variants.items():
         print(f"{suite.title} {variant}".strip(), flush=True)
+        sized = replace(suite, clients=suite.variant_clients.get(variant, suite.clients))
         folder = work / (variant or "default").replace(" ", "-").replace("'", "")
         link = (SimulationSuperLink(work / "flwrhome", app) if suite.deployment is None
-                else DeploymentLink(folder, suite.clients, **suite.deployment[variant], app=app))
+                else DeploymentLink(folder, sized.clients, **suite.deployment[variant], app=app))
         with link:
-            per_seed = [_seed_results(link, suite, overrides, seed, folder, trainings, args.resume, report)
+            per_seed = [_seed_results(link, sized, overrides, seed, folder, trainings, args.resume, report)
                         for seed in seeds]
         if suite.decentralized:  # its own tables (qd_app.bench.decentralized)
             report["variants"][variant] = {"seeds": per_seed}

@@ -53,6 +53,8 @@ def _bars_figure(plt, suite: Suite, report: dict[str, Any]):
         percent = lambda key: [(100 * e[key][0], 100 * e[key][1]) for e in entries]  # noqa: E731
         if suite.methods:
             times = {"unlearn + recover": [e["seconds"] for e in entries]}
+            if suite.by_variant and "retrain" in suite.methods:
+                times = {"QuickDrop": times["unlearn + recover"], "Retrain-Or": [e["retrain-seconds"] for e in entries]}
             accuracy = {"F-Set": percent("forget"), "R-Set": percent("retain")}
             if suite.relearn:
                 times["relearn"] = [e["relearn-seconds"] for e in entries]

@@ -126,6 +126,14 @@ def variant_summary(suite: Suite, result: dict[str, Any]) -> dict[str, tuple[flo
     if suite.methods:
         row.update({key: result["summary"][suite.methods[0]][key]
                     for key in ("forget-after-unlearn", "forget", "retain", "seconds", "compute-seconds")})
+    if suite.variant_clients:  # the cost of one training round and the memory, as the federation grows
+        row.update({key: mean_std([s.get(key, math.nan) for s in seeds])
+                    for key in ("train-round-seconds", "client-peak-mb", "server-peak-mb")})
+    if "retrain" in suite.methods:  # the oracle's time, and the bound on the speed-up its work sets
+        rows = [seed["methods"]["retrain"] for seed in seeds]
+        row.update({"retrain-seconds": result["summary"]["retrain"]["seconds"],
+                    "speedup": result["summary"]["retrain"]["quickdrop-speedup"],
+                    "gradient-ratio": _speedup(rows, seeds, "sample-gradients")})
     return row
 
 
@@ -136,6 +144,10 @@ def _variant_lines(suite: Suite, report: dict[str, Any]) -> list[str]:
     if suite.methods:
         header += (" F-Set after unlearning | F-Set | R-Set | seconds (unlearn + recover) | "
                    "clients' compute (s, unlearn + recover) |")
+    if "retrain" in suite.methods:
+        header += " Retrain-Or seconds | QuickDrop faster by | Retrain-Or's sample gradients per QuickDrop's |"
+    if suite.variant_clients:
+        header += " seconds per training round | a client process's peak (MB) | the server process's peak (MB) |"
     lines = [header, "|" + " --- |" * header.count("|", 1)]
     for variant, result in report["variants"].items():
         row = variant_summary(suite, result)
@@ -145,6 +157,12 @@ def _variant_lines(suite: Suite, report: dict[str, Any]) -> list[str]:
         if suite.methods:
             line += (f" {cell(row['forget-after-unlearn'], True)} | {cell(row['forget'], True)} | "
                      f"{cell(row['retain'], True)} | {cell(row['seconds'])} | {cell(row['compute-seconds'])} |")
+        if "retrain" in suite.methods:
+            line += (f" {cell(row['retrain-seconds'], digits=1)} | {cell(row['speedup'], digits=1)}x | "
+                     f"{cell(row['gradient-ratio'], digits=1)} |")
+        if suite.variant_clients:
+            line += "".join(f" {cell(row[key], digits=1)} |"
+                            for key in ("train-round-seconds", "client-peak-mb", "server-peak-mb"))
         lines.append(line)
     return lines
 

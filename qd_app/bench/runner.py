@@ -180,7 +180,7 @@ def run_seed(link: Link, suite: Suite, variant: dict[str, Any], seed: int, work:
     """Train once (or take the training of an earlier suite of this invocation with the same
     settings), then every method for every target from a copy of the trained experiment."""
     training_settings = {**suite.settings, **variant, "seed": seed, "experiment": EXPERIMENT}
-    key = json.dumps(training_settings, sort_keys=True)
+    key = json.dumps({**training_settings, "num-supernodes": suite.clients}, sort_keys=True)
     if key not in trainings:
         trained = work / "train"
         settings = {**training_settings, "store-dir": str(work / "stores"), "phase": "train", "output-dir": str(trained)}
@@ -193,6 +193,7 @@ def run_seed(link: Link, suite: Suite, variant: dict[str, Any], seed: int, work:
               "train-round-seconds": train["seconds"] / train["rounds"],
               "train-compute-seconds": train.get("compute-seconds", 0.0),
               "train-distill-seconds": train.get("distill-seconds", 0.0),
+              "client-peak-mb": train.get("client-peak-mb", 0.0), "server-peak-mb": train.get("server-peak-mb", 0.0),
               "federaser-bytes": training.get("stores", {}).get("federaser-bytes", 0),
               "store-bytes": training.get("stores", {}).get("bytes", [])}
     results_by_target = {}

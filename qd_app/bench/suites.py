@@ -26,6 +26,7 @@ class Suite:
     by_variant: bool = False  # one table row per variant (a sweep) instead of per method
     sequence: bool = False  # a sequence of requests: plot every class's accuracy over the rounds
     clients: int = NUM_CLIENTS
+    variant_clients: dict[str, int] = field(default_factory=dict)  # a variant's own number of clients
     # several requests from one training: classes for a class request, or clients named by their
     # partition's size ("largest", "median", "smallest") for a client request
     targets: tuple[str, ...] = ()
@@ -37,6 +38,10 @@ class Suite:
 
 
 SCALES = (1, 10, 50, 100, 200, 1000)
+TRAINING_ROUNDS = (5, 10, 20)
+# federation sizes; at 100 clients a tenth of them trains each round (the paper's SVHN setting)
+FEDERATION_SIZES = {"10 clients": (10, {}), "20 clients": (20, {}), "50 clients": (50, {}),
+                    "100 clients, 10 % per round": (100, {"fraction-train": 0.1})}
 # The app's defaults otherwise (the paper's schedule: unlearning 1 round, recovery 2 rounds of
 # 1 epoch, for every method alike), so a user's `flwr run .` is what the suites measure.
 COMMON = {"dataset": "mnist", "alpha": 0.1, "federaser-interval": 2}
@@ -62,6 +67,16 @@ SUITES = {
               variants={f"s={scale}": {"scale": scale} for scale in SCALES}, by_variant=True),
         Suite("overhead", "Distillation overhead of QuickDrop training (cf. Table 6)", COMMON, (), {},
               variants={"MNIST": {}}, by_variant=True),
+        # Retrain-Or's cost grows with the training's rounds, QuickDrop's does not
+        Suite("training-length", "QuickDrop against Retrain-Or as training grows: unlearning class 9",
+              COMMON, ("quickdrop", "retrain"), {"forget-class": "9"},
+              variants={f"{rounds} rounds": {"num-server-rounds": rounds} for rounds in TRAINING_ROUNDS},
+              by_variant=True),
+        # 3 training rounds (as `scale`) keep four trainings CPU-affordable
+        Suite("federation-size", "QuickDrop against Retrain-Or as the federation grows: unlearning class 9",
+              {**COMMON, "num-server-rounds": 3}, ("quickdrop", "retrain"), {"forget-class": "9"},
+              variants={name: settings for name, (_, settings) in FEDERATION_SIZES.items()},
+              variant_clients={name: clients for name, (clients, _) in FEDERATION_SIZES.items()}, by_variant=True),
         Suite("data-free", "Data-free unlearning of class 9 by the server alone (cf. ISPF Table 1)",
               {**COMMON, "num-server-rounds": DATA_FREE_ROUNDS},
               ("retrain", "ispf", "ispf-is", "ispf-pf", "gkt", "blockf", "quickdrop"), {"forget-class": "9"},

@@ -30,6 +30,7 @@ from ..core.pruning import activation_statistics, prunable_layers
 from ..core.training import TrainStats, make_optimizer, predict, train_epochs
 from ..core.unlearning import fits_like_unseen, forget_data, forgotten, gradient_ascent, relearn_data, retain_data
 from ..errors import StoreError
+from ..resources import peak_memory_mb
 from . import hdus
 from .run import ClientRun
 
@@ -227,12 +228,13 @@ Task = Callable[[ClientRun, RecordDict], RecordDict]
 
 
 def _timed(task: Task) -> Task:
-    """A task whose reply's metrics carry the client's compute seconds."""
+    """A task whose reply's metrics carry the client's compute seconds and peak memory."""
 
     def reply(client: ClientRun, content: RecordDict) -> RecordDict:
         started = time.perf_counter()
         answer = task(client, content)
         answer[protocol.METRICS][protocol.COMPUTE_SECONDS] = time.perf_counter() - started
+        answer[protocol.METRICS][protocol.PEAK_MEMORY] = peak_memory_mb()
         return answer
 
     return reply

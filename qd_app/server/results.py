@@ -21,6 +21,7 @@ from .. import protocol
 from ..atomic import atomic_write_bytes, atomic_write_text
 from ..core.distillation import synthetic_count
 from ..errors import RequestError
+from ..resources import peak_memory_mb
 from .evaluation import RoundRecord, SplitAccuracy
 from .federation import ClientInfo
 from .stages import StageCost
@@ -43,8 +44,10 @@ class StageRecord:  # pylint: disable=too-many-instance-attributes
     computations over all rounds; ``bytes`` the model parameters sent between server
     and clients, both ways. ``forget-accuracy`` / ``retain-accuracy`` (F-Set /
     R-Set) refer to the request the stage serves (``request``, an index into
-    ``requests``); ``run`` indexes ``runs``. ``details``: what a stage reports of its own
-    work (e.g. a data-free stage: the share of generated samples kept).
+    ``requests``); ``run`` indexes ``runs``. ``client-peak-mb`` / ``server-peak-mb``: the
+    largest peak memory of a client process, and the server process's, by the stage's end.
+    ``details``: what a stage reports of its own work (e.g. a data-free stage: the share of
+    generated samples kept).
     """
 
     name: str
@@ -63,6 +66,8 @@ class StageRecord:  # pylint: disable=too-many-instance-attributes
     bytes: int = 0
     compute_seconds: float = 0.0
     distill_seconds: float = 0.0
+    client_peak_mb: float = 0.0
+    server_peak_mb: float = 0.0
     details: dict[str, Any] = field(default_factory=dict)
 
     def as_dict(self) -> dict[str, Any]:
@@ -82,6 +87,8 @@ class StageRecord:  # pylint: disable=too-many-instance-attributes
             "bytes": self.bytes,
             "compute-seconds": self.compute_seconds,
             "distill-seconds": self.distill_seconds,
+            "client-peak-mb": self.client_peak_mb,
+            "server-peak-mb": self.server_peak_mb,
             "accuracy": self.accuracy,
             **split.as_dict(),
             "class-accuracy": list(self.class_accuracy),
@@ -94,6 +101,7 @@ class StageRecord:  # pylint: disable=too-many-instance-attributes
         return cls(name=name, rounds=cost.rounds, seconds=cost.seconds, samples=cost.samples,
                    sample_gradients=cost.sample_gradients, bytes=cost.bytes_sent + cost.bytes_received,
                    compute_seconds=cost.compute_seconds, distill_seconds=cost.distill_seconds,
+                   client_peak_mb=cost.client_peak_mb, server_peak_mb=peak_memory_mb(),
                    details=dict(cost.details), **outcome)
 
     def summary(self) -> str:
@@ -112,6 +120,7 @@ class StageRecord:  # pylint: disable=too-many-instance-attributes
             last_round=entry["last-round"], run=entry["run"], request=entry["request"],
             split=SplitAccuracy(entry["forget-accuracy"], entry["retain-accuracy"]), bytes=entry.get("bytes", 0),
             compute_seconds=entry.get("compute-seconds", 0.0), distill_seconds=entry.get("distill-seconds", 0.0),
+            client_peak_mb=entry.get("client-peak-mb", 0.0), server_peak_mb=entry.get("server-peak-mb", 0.0),
             details=entry.get("details", {}),
         )
 

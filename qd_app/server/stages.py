@@ -42,6 +42,7 @@ class StageCost:  # pylint: disable=too-many-instance-attributes
     ``bytes_sent`` / ``bytes_received`` the model parameters that went to and came from
     clients; ``compute_seconds`` the clients' own local work (for a server-only stage,
     the server's), ``distill_seconds`` the part of it spent on synthetic images;
+    ``client_peak_mb`` the largest peak memory a client process reported;
     ``details`` what a stage reports of its own work (recorded with the stage);
     ``evaluation`` the test accuracy, overall and per class, of a stage whose outcome the
     clients evaluate (a method without a global model: the mean over the clients' models).
@@ -55,6 +56,7 @@ class StageCost:  # pylint: disable=too-many-instance-attributes
     bytes_received: int = 0
     compute_seconds: float = 0.0
     distill_seconds: float = 0.0
+    client_peak_mb: float = 0.0
     details: dict[str, Any] = field(default_factory=dict)
     evaluation: tuple[float, tuple[float, ...]] | None = None
 
@@ -172,8 +174,10 @@ class RelayStage:
             replies = list(grid.send_and_receive(messages))
             answered = [reply for reply in replies if not reply.has_error()]
             self.cost.bytes_received += sum(array_bytes(reply) for reply in answered)
-            self.cost.compute_seconds += sum(float(metrics.get(protocol.COMPUTE_SECONDS, 0.0)) for reply in answered
-                                             for metrics in reply.content.metric_records.values())
+            metrics = [m for reply in answered for m in reply.content.metric_records.values()]
+            self.cost.compute_seconds += sum(float(m.get(protocol.COMPUTE_SECONDS, 0.0)) for m in metrics)
+            self.cost.client_peak_mb = max([self.cost.client_peak_mb,
+                                            *(float(m.get(protocol.PEAK_MEMORY, 0.0)) for m in metrics)])
             self.receive(server_round, replies)
             self.cost.rounds += 1
             self.cost.seconds += time.perf_counter() - started
