@@ -132,6 +132,7 @@ def variant_summary(suite: Suite, result: dict[str, Any]) -> dict[str, tuple[flo
     if "retrain" in suite.methods:  # the oracle's time, and the bound on the speed-up its work sets
         rows = [seed["methods"]["retrain"] for seed in seeds]
         row.update({"retrain-seconds": result["summary"]["retrain"]["seconds"],
+                    "retrain-retain": result["summary"]["retrain"]["retain"],
                     "speedup": result["summary"]["retrain"]["quickdrop-speedup"],
                     "gradient-ratio": _speedup(rows, seeds, "sample-gradients")})
     return row
@@ -145,7 +146,8 @@ def _variant_lines(suite: Suite, report: dict[str, Any]) -> list[str]:
         header += (" F-Set after unlearning | F-Set | R-Set | seconds (unlearn + recover) | "
                    "clients' compute (s, unlearn + recover) |")
     if "retrain" in suite.methods:
-        header += " Retrain-Or seconds | QuickDrop faster by | Retrain-Or's sample gradients per QuickDrop's |"
+        header += (" Retrain-Or R-Set | Retrain-Or seconds | QuickDrop faster by | "
+                   "Retrain-Or's sample gradients per QuickDrop's |")
     if suite.variant_clients:
         header += " seconds per training round | a client process's peak (MB) | the server process's peak (MB) |"
     lines = [header, "|" + " --- |" * header.count("|", 1)]
@@ -158,7 +160,8 @@ def _variant_lines(suite: Suite, report: dict[str, Any]) -> list[str]:
             line += (f" {cell(row['forget-after-unlearn'], True)} | {cell(row['forget'], True)} | "
                      f"{cell(row['retain'], True)} | {cell(row['seconds'])} | {cell(row['compute-seconds'])} |")
         if "retrain" in suite.methods:
-            line += (f" {cell(row['retrain-seconds'], digits=1)} | {cell(row['speedup'], digits=1)}x | "
+            line += (f" {cell(row['retrain-retain'], True)} | {cell(row['retrain-seconds'], digits=1)} | "
+                     f"{cell(row['speedup'], digits=1)}x | "
                      f"{cell(row['gradient-ratio'], digits=1)} |")
         if suite.variant_clients:
             line += "".join(f" {cell(row[key], digits=1)} |"

@@ -51,8 +51,12 @@ class ClientRun:
 
     @functools.cached_property
     def train_data(self) -> LabeledImages:
-        """This client's training samples."""
-        return client_train_data(self.config, self.node)
+        """This client's training samples (in page-locked memory when the device is a GPU, so
+        copies to it can overlap the computation)."""
+        data = client_train_data(self.config, self.node)
+        if self.device.type == "cuda":
+            data = LabeledImages(data.images.pin_memory(), data.labels.pin_memory())
+        return data
 
     @property
     def num_classes(self) -> int:

@@ -112,11 +112,41 @@ class DistillStats(TrainStats):
         return self.distance_sum / self.matching_steps if self.matching_steps else 0.0
 
 
-def _synchronized_clock(device: torch.device) -> float:
-    """Wall clock after the device's queued work has finished (CUDA runs asynchronously)."""
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    return time.perf_counter()
+class DeviceTimer:
+    """Adds up the time of marked spans of device work without stopping the device at each:
+    on CUDA, events recorded in the stream and read once at the end; on CPU, the clock."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self.cuda = device.type == "cuda"
+        self.spans: list[tuple[torch.cuda.Event, torch.cuda.Event]] = []
+        self.cpu_seconds = 0.0
+        self._started: float | torch.cuda.Event = 0.0
+
+    def start(self) -> None:
+        """Mark the start of a span."""
+        if self.cuda:
+            self._started = torch.cuda.Event(enable_timing=True)
+            self._started.record(torch.cuda.current_stream(self.device))
+        else:
+            self._started = time.perf_counter()
+
+    def stop(self) -> None:
+        """Mark the end of the span started last."""
+        if self.cuda:
+            ended = torch.cuda.Event(enable_timing=True)
+            ended.record(torch.cuda.current_stream(self.device))
+            self.spans.append((self._started, ended))
+        else:
+            self.cpu_seconds += time.perf_counter() - self._started
+
+    @property
+    def seconds(self) -> float:
+        """Total seconds of the spans (on CUDA: waits for them to finish)."""
+        if not self.spans:
+            return self.cpu_seconds
+        torch.cuda.synchronize(self.device)
+        return sum(start.elapsed_time(end) for start, end in self.spans) / 1000
 
 
 def train_with_distillation(  # pylint: disable=too-many-arguments,too-many-locals
@@ -150,42 +180,49 @@ def train_with_distillation(  # pylint: disable=too-many-arguments,too-many-loca
     params = [p for p in model.parameters() if p.requires_grad]
     class_images = _class_leaves(synthetic.synthetic, device)
     image_optimizer = torch.optim.SGD(list(class_images.values()), lr=image_lr, momentum=image_momentum)
+    # the data go to the device once; batches are split by class on the host (no device sync)
+    all_images, all_labels = data.images.to(device, non_blocking=True), data.labels.to(device, non_blocking=True)
+    loss_sum, distance_sum, timer = torch.zeros((), device=device), torch.zeros((), device=device), DeviceTimer(device)
     model.train()
     for batch in batch_indices(len(data), batch_size, epochs, max_steps, generator):
-        images, labels = data.images[batch].to(device), data.labels[batch].to(device)
+        batch_labels = data.labels[batch]
+        on_device = batch.to(device, non_blocking=True)
+        images, labels = all_images[on_device], all_labels[on_device]
         update = [torch.zeros_like(p) for p in params]
         classes, chosen, targets = [], [], []
-        for cls in labels.unique().tolist():
-            members = labels == cls
+        for cls in batch_labels.unique().tolist():
+            members = torch.nonzero(batch_labels == cls).flatten()
+            count = len(members)
+            members = members.to(device, non_blocking=True)
             loss = nn.functional.cross_entropy(model(images[members]), labels[members])
             class_grads = torch.autograd.grad(loss, params)
-            weight = float(members.sum()) / len(batch)
             for total, grad in zip(update, class_grads):
-                total.add_(grad, alpha=weight)
-            stats.loss_sum += float(loss.detach()) * int(members.sum())
+                total.add_(grad, alpha=count / len(batch))
+            loss_sum += loss.detach() * count
             if cls in class_images:
                 classes.append(cls)
-                chosen.append(torch.randperm(len(class_images[cls]), generator=generator)[:image_batch].to(device))
+                chosen.append(torch.randperm(len(class_images[cls]), generator=generator)[:image_batch])
                 targets.append(class_grads)
         if classes:
-            started = _synchronized_clock(device)
+            timer.start()
             leaves = [class_images[cls] for cls in classes]
-            distance = matching_distance(model, classes, [leaf[order] for leaf, order in zip(leaves, chosen)],
-                                         targets, batched)
+            selections = [leaf[order.to(device, non_blocking=True)] for leaf, order in zip(leaves, chosen)]
+            distance = matching_distance(model, classes, selections, targets, batched)
             image_optimizer.zero_grad(set_to_none=True)
             for leaf, grad in zip(leaves, torch.autograd.grad(distance, leaves)):
                 leaf.grad = grad
             image_optimizer.step()
+            distance_sum += distance.detach()
+            timer.stop()
             stats.matching_steps += len(leaves)
             stats.sample_gradients += sum(len(order) for order in chosen)
-            stats.distance_sum += float(distance.detach())
-            stats.distill_seconds += _synchronized_clock(device) - started
         optimizer.zero_grad(set_to_none=True)
         for param, grad in zip(params, update):
             param.grad = grad
         optimizer.step()
         stats.steps += 1
         stats.sample_gradients += len(batch)
+    stats.loss_sum, stats.distance_sum, stats.distill_seconds = float(loss_sum), float(distance_sum), timer.seconds
     _write_back(synthetic, class_images)
     return stats
 

@@ -84,9 +84,13 @@ def train_epochs(  # pylint: disable=too-many-arguments
     stats = TrainStats()
     if len(data) == 0:
         return stats
+    # the data go to the device once, and the loss is summed there (no device sync per step)
+    all_images, all_labels = data.images.to(device, non_blocking=True), data.labels.to(device, non_blocking=True)
+    loss_sum = torch.zeros((), device=device)
     model.train()
     for batch in batch_indices(len(data), batch_size, epochs, max_steps, generator):
-        images, labels = data.images[batch].to(device), data.labels[batch].to(device)
+        on_device = batch.to(device, non_blocking=True)
+        images, labels = all_images[on_device], all_labels[on_device]
         optimizer.zero_grad(set_to_none=True)
         losses = nn.functional.cross_entropy(model(images), labels, reduction="none")
         objective = (losses if loss_cap is None else losses.clamp(max=loss_cap)).mean()
@@ -94,9 +98,10 @@ def train_epochs(  # pylint: disable=too-many-arguments
         optimizer.step()
         stats.steps += 1
         stats.sample_gradients += len(batch)
-        stats.loss_sum += float(losses.detach().sum())
+        loss_sum += losses.detach().sum()
         if stop_when is not None and stop_when():
             break
+    stats.loss_sum = float(loss_sum)
     return stats
 
 

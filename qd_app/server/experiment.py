@@ -165,7 +165,8 @@ class Experiment:  # pylint: disable=too-many-instance-attributes
         )
         self.record.stages.append(record)
         self.record.rounds = list(self.evaluator.history)
-        write_results(self.output_path, self.record)
+        if request is None:  # a request's stages are written with it, once it is served
+            write_results(self.output_path, self.record)
         log(INFO, "Stage %s: %s", name, record.summary())
         return arrays
 

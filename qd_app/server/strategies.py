@@ -108,6 +108,7 @@ class StageStrategy(FedAvg):
         self.ended = False
         self.changed_model = False  # whether any round moved the global model
         self._sent: ArrayRecord | None = None
+        self._addressed: list[int] = []  # the nodes this round's messages went to
         self._round_started = 0.0
         self._round = 0
 
@@ -141,7 +142,7 @@ class StageStrategy(FedAvg):
         round_config = ConfigRecord({**dict(config), **self.stage_config, protocol.SERVER_ROUND: server_round})
         record = RecordDict({self.arrayrecord_key: arrays, self.configrecord_key: round_config})
         self.cost.bytes_sent += arrays.count_bytes() * len(node_ids)
-        self._sent = arrays
+        self._sent, self._addressed = arrays, list(node_ids)
         return self._construct_messages(record, node_ids, self.message_type)
 
     def aggregate_train(
@@ -175,9 +176,13 @@ class StageStrategy(FedAvg):
             log(WARNING, "%s round %s: %s of %s clients failed and are left out of the average: %s",
                 self.stage_name, server_round, len(failed), len(replies), " | ".join(_reasons(failed)))
             for reply in failed:
-                node = reply.metadata.src_node_id
-                partition = self.federation.partition_of(node) if node in self.federation.clients else node
-                self.left_out.setdefault(str(partition), f"round {server_round}: {reply.error.reason.strip()}")
+                self._leave_out(reply.metadata.src_node_id, f"round {server_round}: {reply.error.reason.strip()}")
+        silent = sorted(set(self._addressed) - {reply.metadata.src_node_id for reply in replies})
+        if silent:  # timed out (the Grid returns what came back in time), or its node was lost
+            log(WARNING, "%s round %s: %s of %s clients did not reply and are left out of the average",
+                self.stage_name, server_round, len(silent), len(self._addressed))
+            for node in silent:
+                self._leave_out(node, f"round {server_round}: no reply")
         self.last_metrics = {reply.metadata.src_node_id: reply_metrics(reply) for reply in valid}
         metrics = list(self.last_metrics.values())
         cost = self.cost
@@ -190,6 +195,11 @@ class StageStrategy(FedAvg):
         if self.on_round is not None and self._sent is not None:
             self.on_round(server_round, self._sent, valid)
         return valid
+
+    def _leave_out(self, node: int, reason: str) -> None:
+        """Record why a client's partition (the node id, for a node not in the federation) was left out."""
+        partition = self.federation.partition_of(node) if node in self.federation.clients else node
+        self.left_out.setdefault(str(partition), reason)
 
     def finish_round(self) -> None:
         """Add the round's wall time (since :meth:`configure_train`) to the stage's seconds."""
