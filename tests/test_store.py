@@ -115,3 +115,28 @@ def test_a_kept_store_is_read_once_and_again_when_its_file_changes(tmp_path, tin
     client.store_file.unlink()
     with pytest.raises(StoreError, match="no client store"):
         client.load_store()
+
+
+@pytest.mark.parametrize("setting, value", [("dataset", "fashion-mnist"), ("model-width", 16), ("model-norm", "batch"),
+                                            ("partitioning", "iid"), ("alpha", 0.5), ("seed", 3), ("scale", 50)])
+def test_a_store_read_by_another_setup_is_refused_naming_what_differs(tmp_path, tiny_mnist_dir, setting, value):
+    _client(tmp_path, tiny_mnist_dir, seed=11).save_store(make_set(0.5), {"rounds-distilled": 1})
+    reader = _client(tmp_path, tiny_mnist_dir, **{"seed": 11, setting: value})
+    named = "model" if setting.startswith("model") else setting
+    with pytest.raises(StoreError, match=f"written for another setup: .*{named} .*run the training phase"):
+        reader.load_store()
+
+
+@pytest.mark.parametrize("damage", ["zero-length", "truncated header", "truncated payload", "bit flip",
+                                    "other format version"])
+def test_a_damaged_store_is_refused_with_what_to_do(tmp_path, tiny_mnist_dir, damage):
+    client = _client(tmp_path, tiny_mnist_dir, seed=12)
+    client.save_store(make_set(0.5), {"rounds-distilled": 1})
+    content = client.store_file.read_bytes()
+    damaged = {"zero-length": b"", "truncated header": content[:20], "truncated payload": content[:-100],
+               "bit flip": content[:-7] + bytes([content[-7] ^ 1]) + content[-6:],
+               "other format version": content.replace(b'"format-version": 1', b'"format-version": 9', 1)}[damage]
+    assert damaged != content
+    client.store_file.write_bytes(damaged)
+    with pytest.raises(StoreError, match="delete it and train again|train again \\(phase=train\\)"):
+        client.load_store()

@@ -105,7 +105,8 @@ def check_identity(path: Path, stored: dict[str, Any], expected: dict[str, Any],
         if stored.get(key) != value
     ]
     if differences:
-        raise StoreError(f"{kind} {path} was written for another setup: " + "; ".join(differences))
+        raise StoreError(f"{kind} {path} was written for another setup: " + "; ".join(differences)
+                         + ": run the training phase with these settings (phase=train), or restore this setup's file")
 
 
 def _parse_header(path: Path, prefix: bytes, handle) -> dict[str, Any]:
@@ -118,6 +119,7 @@ def _parse_header(path: Path, prefix: bytes, handle) -> dict[str, Any]:
         raise StoreError(f"store {path} has a corrupt header: delete it and train again") from exc
     if header.get("format-version") != FORMAT_VERSION:
         raise StoreError(
-            f"store {path} has format version {header.get('format-version')}, this app reads {FORMAT_VERSION}"
+            f"store {path} has format version {header.get('format-version')}, this app reads {FORMAT_VERSION}: "
+            "train again (phase=train) with this version of the app"
         )
     return header

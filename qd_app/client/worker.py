@@ -25,6 +25,7 @@ from .remote import STOP, from_plain, to_plain
 from .run import kept_client
 from .tasks import run_task
 
+
 class Worker:
     """Serves task requests from the node's ClientApps."""
 
