@@ -6,7 +6,6 @@ the same requests served without the fault."""
 
 from __future__ import annotations
 
-import hashlib
 from pathlib import Path
 
 import pytest
@@ -15,12 +14,14 @@ from flwr.app import Error, Message
 from flwr.common.constant import ErrorCode
 from inprocess import InProcessGrid, node_context
 from test_apps import tiny_run_config
+from test_unlearning_flow import snapshot
 
 from qd_app.client import tasks as client_tasks
 from qd_app.client_app import app as client_app
 from qd_app.errors import StageFailedError
 from qd_app.server import strategies
 from qd_app.server.ledger import Ledger
+from qd_app.server.results import model_digest
 from qd_app.server_app import app as server_app
 
 SETTINGS = {"unlearn-lr": 0.5, "unlearn-epochs": 5, "recover-epochs": 2, "relearn-epochs": 3, "relearn-lr": 0.05,
@@ -72,16 +73,14 @@ def run(run_config: dict, fault: str | None = None, message_type: str = "", node
             monkeypatch.undo()
 
 
-def model_digest(folder: Path) -> str:
-    """A checksum of the experiment's current model parameters."""
-    state = torch.load(folder / "tiny" / "model.pt", weights_only=True)["state-dict"]
-    return hashlib.sha256(b"".join(state[key].numpy().tobytes() for key in sorted(state))).hexdigest()
+def current_model(folder: Path) -> str:
+    """The checksum of the experiment's current model (the ledger's ``model-after``)."""
+    return model_digest(torch.load(folder / "tiny" / "model.pt", weights_only=True)["state-dict"])
 
 
 def files(folder: Path) -> dict[str, str]:
     """Every file under ``folder`` but the ledger, with a hash of its content."""
-    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(folder.rglob("*")) if p.is_file() and "ledger.sqlite" not in p.name}
+    return {name: digest for name, digest in snapshot(folder).items() if "ledger.sqlite" not in name}
 
 
 def lifecycle(folder: Path, tiny_mnist_dir: Path) -> tuple[dict, dict, dict]:
@@ -99,7 +98,7 @@ def reference(tmp_path_factory, tiny_mnist_dir) -> dict[str, str]:
     digests = {}
     for name, config in (("train", train), ("unlearn", unlearn), ("relearn", relearn)):
         run(config)
-        digests[name] = model_digest(folder)
+        digests[name] = current_model(folder)
     return digests
 
 
@@ -109,7 +108,7 @@ def test_a_stage_where_every_client_fails_leaves_the_request_pending_and_a_rerun
         stage, fault, tmp_path, tiny_mnist_dir, reference, monkeypatch):
     train, unlearn, relearn = lifecycle(tmp_path, tiny_mnist_dir)
     run(train)
-    assert model_digest(tmp_path) == reference["train"]
+    assert current_model(tmp_path) == reference["train"]
     request = relearn if stage == "relearn" else unlearn
     if stage == "relearn":
         run(unlearn)
@@ -124,7 +123,7 @@ def test_a_stage_where_every_client_fails_leaves_the_request_pending_and_a_rerun
     served = Ledger(tmp_path / "tiny").requests()[-1]
     assert served.state == "served" and [a["outcome"] for a in served.attempts] == ["failed", "served"]
     assert len(Ledger(tmp_path / "tiny").requests()) == (2 if stage == "relearn" else 1)
-    assert model_digest(tmp_path) == reference["relearn" if stage == "relearn" else "unlearn"]
+    assert current_model(tmp_path) == reference["relearn" if stage == "relearn" else "unlearn"]
 
 
 @pytest.mark.parametrize("fault", FAULTS)
@@ -135,7 +134,7 @@ def test_training_where_every_client_fails_stops_and_a_rerun_trains_the_same_mod
         run(train, fault, "train.distill", monkeypatch=monkeypatch)
     assert not (tmp_path / "tiny" / "model.pt").exists() and not Ledger(tmp_path / "tiny").requests()
     run(train)
-    assert model_digest(tmp_path) == reference["train"]
+    assert current_model(tmp_path) == reference["train"]
 
 
 @pytest.mark.parametrize("fault", FAULTS)
@@ -181,4 +180,4 @@ def test_the_server_killed_during_a_request_leaves_it_running_and_a_rerun_serves
     run(unlearn)
     [request] = Ledger(tmp_path / "tiny").requests()
     assert request.state == "served" and [a["outcome"] for a in request.attempts][-1] == "served"
-    assert model_digest(tmp_path) == reference["unlearn"]
+    assert current_model(tmp_path) == reference["unlearn"]

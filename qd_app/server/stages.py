@@ -18,7 +18,7 @@ turn comes, for how many rounds, and from which model.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from logging import INFO
 from typing import Any, Protocol
@@ -59,6 +59,12 @@ class StageCost:  # pylint: disable=too-many-instance-attributes
     client_peak_mb: float = 0.0
     details: dict[str, Any] = field(default_factory=dict)
     evaluation: tuple[float, tuple[float, ...]] | None = None
+
+    def add_client_work(self, metrics: Iterable[Mapping[str, Any]]) -> None:
+        """Count the clients' reported compute seconds and keep the largest peak memory."""
+        metrics = list(metrics)
+        self.compute_seconds += sum(float(m.get(protocol.COMPUTE_SECONDS, 0.0)) for m in metrics)
+        self.client_peak_mb = max([self.client_peak_mb, *(float(m.get(protocol.PEAK_MEMORY, 0.0)) for m in metrics)])
 
 
 class Stage(Protocol):
@@ -174,10 +180,7 @@ class RelayStage:
             replies = list(grid.send_and_receive(messages))
             answered = [reply for reply in replies if not reply.has_error()]
             self.cost.bytes_received += sum(array_bytes(reply) for reply in answered)
-            metrics = [m for reply in answered for m in reply.content.metric_records.values()]
-            self.cost.compute_seconds += sum(float(m.get(protocol.COMPUTE_SECONDS, 0.0)) for m in metrics)
-            self.cost.client_peak_mb = max([self.cost.client_peak_mb,
-                                            *(float(m.get(protocol.PEAK_MEMORY, 0.0)) for m in metrics)])
+            self.cost.add_client_work(m for reply in answered for m in reply.content.metric_records.values())
             self.receive(server_round, replies)
             self.cost.rounds += 1
             self.cost.seconds += time.perf_counter() - started

@@ -188,9 +188,8 @@ class StageStrategy(FedAvg):
         cost = self.cost
         cost.samples = max(cost.samples, sum(int(m[protocol.NUM_EXAMPLES]) for m in metrics))
         cost.sample_gradients += sum(int(m.get(protocol.SAMPLE_GRADIENTS, 0)) for m in metrics)
-        cost.compute_seconds += sum(float(m.get(protocol.COMPUTE_SECONDS, 0.0)) for m in metrics)
+        cost.add_client_work(metrics)
         cost.distill_seconds += sum(float(m.get(protocol.DISTILL_SECONDS, 0.0)) for m in metrics)
-        cost.client_peak_mb = max([cost.client_peak_mb, *(float(m.get(protocol.PEAK_MEMORY, 0.0)) for m in metrics)])
         cost.bytes_received += sum(array_bytes(reply) for reply in valid)
         if self.on_round is not None and self._sent is not None:
             self.on_round(server_round, self._sent, valid)
