@@ -1,6 +1,7 @@
 """A real federation on this machine: `qd-app federation up` (SuperLink + SuperNodes, Flower's
 deployment engine), `flwr run` against it, requests arriving between runs, a node lost in the
-middle of a stage, and a secure federation that refuses a node it does not know.
+middle of a stage, the server process killed in the middle of one, a store damaged in the middle
+of one, and a secure federation that refuses a node it does not know.
 
 Every process is stopped by PID when the module is done, also when a test fails.
 """
@@ -10,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import signal
 import socket
 import threading
 import time
@@ -22,6 +24,7 @@ from qd_app.deploy import security
 from qd_app.deploy.federation import LocalFederation
 from qd_app.deploy.processes import BIN, Process, free_ports, run_app, start
 from qd_app.server.ledger import Ledger
+from qd_app.server.results import load_checkpoint, model_digest
 
 NODES = 3
 SMALL = {"num-server-rounds": 2, "local-steps": 5, "model-width": 16, "unlearn-rounds": 1, "recover-rounds": 2,
@@ -129,6 +132,95 @@ def test_a_node_lost_in_a_stage_is_recorded_and_a_request_that_needs_it_waits(fe
     assert rerun["status"] == "finished:completed", rerun["log"][-3000:]
     done = ledger.get(pending.id)
     assert done.state == "served" and [a["outcome"] for a in done.attempts] == ["failed", "served"]
+
+
+def serverapp_processes(superlink_pid: int) -> list[int]:
+    """The ``flwr-serverapp`` processes the SuperLink started (its descendants, from /proc)."""
+    parents = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:  # gone meanwhile
+            continue
+        parents[int(stat.parent.name)] = int(fields[1])
+    family, grew = {superlink_pid}, True
+    while grew:
+        children = {pid for pid, parent in parents.items() if parent in family} - family
+        family, grew = family | children, bool(children)
+    found = []
+    for pid in family - {superlink_pid}:
+        try:
+            if b"flwr-serverapp" in Path(f"/proc/{pid}/cmdline").read_bytes():
+                found.append(pid)
+        except OSError:
+            continue
+    return found
+
+
+def test_the_server_process_killed_inside_recovery_leaves_the_request_running_and_a_rerun_serves_it_once(
+        federation, flwr_home):
+    worker_log = federation / "node-0" / "store" / ".worker-0.log"  # a line per task node 0's worker ran
+    recoveries = lambda: worker_log.read_text().count("train.recover") if worker_log.exists() else 0  # noqa: E731
+    recoveries_before, killed = recoveries(), []
+    outputs = federation / "outputs" / "e2e"
+    model_before = model_digest(load_checkpoint(outputs)["state-dict"])
+    superlink = LocalFederation(federation).load().superlink["pid"]
+
+    def kill_the_server_app_when_recovery_starts() -> None:
+        deadline = time.monotonic() + 600
+        while time.monotonic() < deadline and not killed:
+            if recoveries() > recoveries_before:
+                for pid in serverapp_processes(superlink):
+                    os.kill(pid, signal.SIGKILL)
+                    killed.append(pid)
+            time.sleep(0.2)
+
+    killer = threading.Thread(target=kill_the_server_app_when_recovery_starts)
+    killer.start()
+    run = flwr_run(federation, flwr_home, phase="unlearn", forget_class="5", recover_rounds=4)
+    killer.join()
+    assert killed and run["status"] != "finished:completed", run["log"][-3000:]
+    ledger = Ledger(outputs)
+    interrupted = ledger.requests()[-1]
+    assert interrupted.request.label == "class 5" and interrupted.state == "running"
+    assert model_digest(load_checkpoint(outputs)["state-dict"]) == model_before  # nothing of it applied
+
+    rerun = flwr_run(federation, flwr_home, phase="serve")
+    assert rerun["status"] == "finished:completed", rerun["log"][-3000:]
+    served = ledger.get(interrupted.id)
+    assert served.state == "served" and [a["outcome"] for a in served.attempts] == ["interrupted", "served"]
+    assert all(attempt["model-before"] == model_before for attempt in served.attempts)
+    assert [r.request.label for r in ledger.requests()].count("class 5") == 1 and ledger.verify() == []
+    assert model_digest(load_checkpoint(outputs)["state-dict"]) == served.served["model-after"]
+
+
+def test_a_store_damaged_inside_recovery_makes_its_client_fail_and_the_request_is_served_without_it(
+        federation, flwr_home):
+    worker_log = federation / "node-0" / "store" / ".worker-0.log"
+    recoveries = lambda: worker_log.read_text().count("train.recover") if worker_log.exists() else 0  # noqa: E731
+    recoveries_before, damaged = recoveries(), []
+    store = federation / "node-2" / "store" / "e2e" / "partition-2.qdstore"
+    intact = store.read_bytes()
+
+    def truncate_node_2s_store_when_recovery_starts() -> None:  # a real exception in node 2's ClientApp
+        deadline = time.monotonic() + 600
+        while time.monotonic() < deadline and not damaged:
+            if recoveries() > recoveries_before:
+                store.write_bytes(intact[: len(intact) // 2])
+                damaged.append(store)
+            time.sleep(0.2)
+
+    killer = threading.Thread(target=truncate_node_2s_store_when_recovery_starts)
+    killer.start()
+    try:
+        run = flwr_run(federation, flwr_home, phase="unlearn", forget_class="6", recover_rounds=4)
+    finally:
+        killer.join()
+        store.write_bytes(intact)
+    assert damaged and run["status"] == "finished:completed", run["log"][-3000:]
+    served = Ledger(federation / "outputs" / "e2e").requests()[-1]
+    assert served.request.label == "class 6" and served.state == "served"
+    assert "is corrupt" in served.served["left-out"]["recover"]["2"]  # the client's own reason, recorded
 
 
 def test_hdus_nodes_of_different_architectures_serve_a_later_client_request_from_their_repositories(

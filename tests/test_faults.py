@@ -1,6 +1,6 @@
 """Faults injected into each stage of a request: a client that raises, one whose process crashes,
 one that never answers (Flower's Grid returns without its reply), and the server killed between
-two stages or inside one. For each: what the ledger records, that nothing else on disk changed,
+two stages or inside one; and a damaged or foreign checkpoint. For each: what the ledger records, that nothing else on disk changed,
 and that a rerun serves the request once: its final model equals, bit for bit, the model of
 the same requests served without the fault."""
 
@@ -18,10 +18,10 @@ from test_unlearning_flow import snapshot
 
 from qd_app.client import tasks as client_tasks
 from qd_app.client_app import app as client_app
-from qd_app.errors import StageFailedError
+from qd_app.errors import RequestError, StageFailedError
 from qd_app.server import strategies
 from qd_app.server.ledger import Ledger
-from qd_app.server.results import model_digest
+from qd_app.server.results import load_checkpoint, model_digest, save_checkpoint
 from qd_app.server_app import app as server_app
 
 SETTINGS = {"unlearn-lr": 0.5, "unlearn-epochs": 5, "recover-epochs": 2, "relearn-epochs": 3, "relearn-lr": 0.05,
@@ -181,3 +181,45 @@ def test_the_server_killed_during_a_request_leaves_it_running_and_a_rerun_serves
     [request] = Ledger(tmp_path / "tiny").requests()
     assert request.state == "served" and [a["outcome"] for a in request.attempts][-1] == "served"
     assert current_model(tmp_path) == reference["unlearn"]
+
+
+def _resaved(path: Path, **changes) -> None:
+    """The checkpoint saved again, valid, with some metadata changed."""
+    content = load_checkpoint(path.parent, path.name)
+    save_checkpoint(path.parent, content.pop("state-dict"), {**content, **changes}, path.name)
+
+
+CHECKPOINT_DAMAGE = {
+    "zero-length": (lambda path: path.write_bytes(b""), "cannot be read as a checkpoint"),
+    "truncated": (lambda path: path.write_bytes(path.read_bytes()[: path.stat().st_size // 2]),
+                  "cannot be read as a checkpoint"),
+    "bit flip": (lambda path: path.write_bytes(_flipped(path.read_bytes())), "is damaged|cannot be read"),
+    "not a checkpoint": (lambda path: path.write_text("model"), "cannot be read as a checkpoint"),
+    "another format version": (lambda path: torch.save({**load_checkpoint(path.parent), "format-version": 2}, path),
+                               "has checkpoint format 2, this app reads 1"),
+    "another dataset": (lambda path: _resaved(path, dataset="fashion-mnist"),
+                        "trained with dataset 'fashion-mnist', this run has 'mnist'"),
+    "another model": (lambda path: _resaved(path, model={**load_checkpoint(path.parent)["model"], "width": 4}),
+                      "trained with model .*'width': 4"),
+    "another experiment": (lambda path: _resaved(path, experiment="other"),
+                           "trained with experiment 'other', this run has 'tiny'"),
+}
+
+
+def _flipped(content: bytes) -> bytes:
+    middle = len(content) // 2  # inside the parameters, the bulk of the file
+    return content[:middle] + bytes([content[middle] ^ 0x10]) + content[middle + 1:]
+
+
+@pytest.mark.parametrize("damage", list(CHECKPOINT_DAMAGE))
+def test_a_damaged_or_foreign_checkpoint_is_refused_with_what_to_do_and_nothing_changes(
+        damage, tmp_path, tiny_mnist_dir):
+    train, unlearn, _ = lifecycle(tmp_path, tiny_mnist_dir)
+    run(train)
+    damage_file, message = CHECKPOINT_DAMAGE[damage]
+    damage_file(tmp_path / "tiny" / "model.pt")
+    before = snapshot(tmp_path)
+    with pytest.raises(RequestError, match=message) as refused:
+        run(unlearn)
+    assert "phase=train" in str(refused.value)  # what to do
+    assert snapshot(tmp_path) == before and not Ledger(tmp_path / "tiny").requests()

@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 from test_apps import run_server, tiny_run_config
+from test_unlearning_flow import nodes_sent
 
 from qd_app.errors import RequestError
 from qd_app.core.unlearning import LOSS_CAP, UNSEEN_QUANTILES
@@ -107,3 +108,11 @@ def test_fu_mp_cannot_relearn_and_federaser_needs_its_history(trained, tmp_path)
     shutil.rmtree(tmp_path / "tiny" / "federaser")
     with pytest.raises(RequestError, match="federaser needs the client updates recorded during training"):
         run_server({**config, "phase": "unlearn", "method": "federaser", "forget-class": "4"})
+
+
+def test_retrain_or_samples_the_clients_of_each_round_as_training_did(tiny_mnist_dir, tmp_path):
+    base = tiny_run_config(tiny_mnist_dir, tmp_path, **{"fraction-train": 0.5, "num-server-rounds": 2})
+    run_server(base, num_partitions=4)
+    grid = run_server({**base, "phase": "unlearn", "method": "retrain", "forget-class": "3"}, num_partitions=4)
+    rounds = nodes_sent(grid, "train")
+    assert len(rounds) == 2 and all(len(partitions) == 2 for partitions in rounds)  # half of 4, as in training

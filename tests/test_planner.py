@@ -72,3 +72,11 @@ def test_participants_follow_the_data_and_the_forgotten_state():
 def test_walking_a_plan_gives_each_step_the_state_it_starts_from():
     steps = planner.walk([("unlearn", CLASS_3), ("unlearn", CLIENT_1), ("relearn", CLASS_3)])
     assert [state for _, _, state in steps] == [(set(), set()), ({3}, set()), ({3}, {1})]
+
+
+def test_participants_can_be_limited_to_the_partitions_that_trained():
+    fed, trained = federation(), {0, 2}  # client 1 never trained: it holds no store
+    assert planner.holders(fed, (3,), NOTHING_FORGOTTEN, trained) == [102]
+    assert planner.unlearn_participants(fed, CLIENT_1, NOTHING_FORGOTTEN, trained) == []
+    assert planner.stage_participants(fed, "unlearn", CLASS_3, NOTHING_FORGOTTEN, trained) == [102, 100, 102]
+    planner.check_stores(fed, set(planner.stage_participants(fed, "unlearn", CLASS_3, NOTHING_FORGOTTEN, trained)))

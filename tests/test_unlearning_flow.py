@@ -18,6 +18,7 @@ from qd_app.config import RunConfig
 from qd_app.errors import ConfigError, RequestError, StageFailedError
 from qd_app.core.models import ModelSpec, build_model
 from qd_app.server.ledger import Ledger
+from qd_app.server.results import model_digest
 
 STRONG_UNLEARNING = {"unlearn-lr": 0.5, "unlearn-epochs": 5, "recover-epochs": 3, "relearn-epochs": 5,
                      "relearn-lr": 0.05, "scale": 10}
@@ -278,3 +279,41 @@ def test_forgetting_every_class_ends_at_the_initial_model_without_ascent(tiny_mn
     assert ascended == {tuple(r["targets"]) for r in earlier}  # no ascent on the last class
     assert is_initial_model(config, tmp_path)
     assert served(tmp_path)[-1] == ("unlearn", [last["targets"][0]])
+
+
+def test_clients_that_never_trained_are_left_out_of_serving_and_their_requests_change_nothing(tiny_mnist_dir,
+                                                                                               tmp_path):
+    """With a fraction of the clients per round some never train, so they hold no store: a class
+    request is served by those that trained, and forgetting a client that never trained leaves the
+    model as it was (its data never reached it)."""
+    base = tiny_run_config(tiny_mnist_dir, tmp_path, **{"fraction-train": 0.25, "num-server-rounds": 1},
+                           **STRONG_UNLEARNING)
+    run_server(base, num_partitions=4)
+    [trained] = torch.load(tmp_path / "tiny" / "model.pt", weights_only=True)["trained-partitions"]
+    untrained = sorted(set(range(4)) - {trained})
+    assert [p.name for p in (tmp_path / "stores" / "tiny").glob("*.qdstore")] == [f"partition-{trained}.qdstore"]
+
+    grid = run_server({**base, "phase": "unlearn", "forget-class": "3"}, num_partitions=4)
+    assert nodes_sent(grid, "train.unlearn")[0] == [trained]
+    assert all(sent == [trained] for sent in nodes_sent(grid, "train.unlearn") + nodes_sent(grid, "train.recover"))
+    assert served(tmp_path) == [("unlearn", [3])]
+
+    before = model_digest(torch.load(tmp_path / "tiny" / "model.pt", weights_only=True)["state-dict"])
+    grid = run_server({**base, "phase": "unlearn", "forget-class": "", "forget-client": str(untrained[0])}, num_partitions=4)
+    assert not nodes_sent(grid, "train.unlearn") and not nodes_sent(grid, "train.recover")
+    assert served(tmp_path) == [("unlearn", [3]), ("unlearn", [untrained[0]])]
+    assert results(tmp_path)["requests"][-1]["skipped"] == ["recover"]
+    assert model_digest(torch.load(tmp_path / "tiny" / "model.pt", weights_only=True)["state-dict"]) == before
+
+
+def test_recovery_samples_a_fraction_of_the_clients_per_round_and_unlearning_asks_every_holder(tiny_mnist_dir,
+                                                                                               tmp_path):
+    base = tiny_run_config(tiny_mnist_dir, tmp_path, **{"fraction-train": 0.5, "num-server-rounds": 3},
+                           **STRONG_UNLEARNING)
+    run_server(base, num_partitions=4)
+    trained = torch.load(tmp_path / "tiny" / "model.pt", weights_only=True)["trained-partitions"]
+    counts = results(tmp_path)["federation"]["class-counts"]
+    grid = run_server({**base, "phase": "unlearn", "forget-class": "3"}, num_partitions=4)
+    assert nodes_sent(grid, "train.unlearn")[0] == [p for p in trained if counts[p][3]]
+    recovery = nodes_sent(grid, "train.recover")
+    assert recovery and all(len(sent) == max(1, len(trained) // 2) and set(sent) <= set(trained) for sent in recovery)

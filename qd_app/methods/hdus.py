@@ -107,7 +107,7 @@ class SeedExchange(HdusStage):
         config = ctx.config
         self.graph = neighbours(self.federation.num_partitions, config.hdus_topology, config.hdus_degree)
         self.seeds: dict[int, ArrayRecord] = {}
-        self.last_metrics: dict[int, MetricRecord] = {}
+        self.latest_metrics: dict[int, MetricRecord] = {}
 
     def messages(self, server_round: int, grid: Grid) -> Iterable[Message]:
         if server_round == 1:
@@ -124,11 +124,11 @@ class SeedExchange(HdusStage):
             if server_round == 1:
                 self.cost.samples += int(metrics[protocol.NUM_EXAMPLES])
                 self.seeds[partition] = reply.content[protocol.ARRAYS]
-                self.last_metrics[reply.metadata.src_node_id] = metrics
+                self.latest_metrics[reply.metadata.src_node_id] = metrics
                 self.cost.details.setdefault("main-models", {})[str(partition)] = str(
                     reply.content[protocol.DESCRIPTION][protocol.MAIN_MODEL])
             else:
-                self.last_metrics[reply.metadata.src_node_id][protocol.STORE_BYTES] = metrics[protocol.STORE_BYTES]
+                self.latest_metrics[reply.metadata.src_node_id][protocol.STORE_BYTES] = metrics[protocol.STORE_BYTES]
         if server_round == 2:
             self.seeds.clear()  # relayed: the server keeps no model
 

@@ -10,9 +10,11 @@ synthetic data with the relearned classes back in.
 from __future__ import annotations
 
 from dataclasses import replace
+from logging import INFO
 from typing import Any, ClassVar
 
 from flwr.app import ArrayRecord
+from flwr.common import log
 
 from .. import protocol
 from ..request import Forgotten, UnlearningRequest
@@ -121,15 +123,19 @@ class GradientAscent(UnlearningMethod):
         epochs = None if class_level else ctx.config.unlearn_client_epochs
         quantiles = None if class_level else ctx.evaluator.loss_quantiles(arrays)
         built: list[StageStrategy] = []
+        participants = ctx.unlearn_participants(request, before)
+        if not participants:
+            log(INFO, "No client that trained the model holds data of %s: nothing to unlearn", request.label)
 
         def ascent_stage() -> StageStrategy:
             built.append(self.unlearn_strategy(
-                ctx.federation, participants=ctx.unlearn_participants(request, before),
+                ctx.federation, participants=participants,
                 forget_classes=list(request.targets) if class_level else None, data=self.data,
                 unseen_loss_quantiles=quantiles, **ctx.stage_settings("unlearn", epochs)))
             return built[-1]
 
-        ascent = StagePlan(ascent_stage, ctx.config.unlearn_rounds if class_level else 1)
+        rounds = (ctx.config.unlearn_rounds if class_level else 1) if participants else 0
+        ascent = StagePlan(ascent_stage, rounds)
         recovery = self.recovery(ctx, after)
         return [ascent, replace(recovery, needed=lambda: any(stage.changed_model for stage in built))]
 

@@ -17,7 +17,7 @@ class RetrainStrategy(TrainingStrategy):
 
 
 class Retrain(UnlearningMethod):
-    """Retrain-Or, with the training stage's own rounds, local epochs and batch size."""
+    """Retrain-Or, with the training stage's own rounds, local epochs, batch size and client sampling."""
 
     name = "retrain"
     title = "Retrain-Or"
@@ -29,6 +29,7 @@ class Retrain(UnlearningMethod):
         retained = ctx.training_participants(after)
         return [StagePlan(
             lambda: self.retrain_strategy(ctx.federation, participants=retained, exclude_classes=sorted(after.classes),
+                                          fraction_train=ctx.config.fraction_train, rng=ctx.rng,
                                           **ctx.training_settings()),
             ctx.config.num_server_rounds,
             start=lambda _: ctx.initial_model(),

@@ -26,6 +26,7 @@ from ..core.models import ModelSpec, build_model
 from ..core.training import logits, per_class_accuracy
 from ..core.unlearning import class_loss_quantiles
 from ..errors import StageFailedError
+from ..request import UnlearningRequest
 from .federation import Federation
 
 
@@ -183,3 +184,13 @@ def evaluate_on_clients(grid: Grid, federation: Federation, arrays: ArrayRecord)
         partition = federation.partition_of(reply.metadata.src_node_id)
         correct[partition], totals[partition] = float(metrics[protocol.CORRECT]), int(metrics[protocol.NUM_EXAMPLES])
     return correct, totals
+
+
+def request_split(evaluator: ServerEvaluator, grid: Grid, federation: Federation, arrays: ArrayRecord,
+                  request: UnlearningRequest, excluded_classes: set[int], forgotten_clients: set[int]) -> SplitAccuracy:
+    """F-Set/R-Set accuracy of a model for ``request`` (class-level: test set; client-level: client data)."""
+    if request.kind == "class":
+        classes = evaluator.evaluate(arrays)[1]
+        return class_split(classes, evaluator.class_sizes, set(request.targets), excluded_classes)
+    correct, totals = evaluate_on_clients(grid, federation, arrays)
+    return client_split(correct, totals, set(request.targets), forgotten_clients)

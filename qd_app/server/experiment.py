@@ -25,6 +25,7 @@ from __future__ import annotations
 import random
 import uuid
 from collections.abc import Callable, Mapping
+from dataclasses import replace
 from datetime import datetime, timezone
 from logging import INFO, WARNING
 from pathlib import Path
@@ -42,13 +43,14 @@ from ..core.training import resolve_device
 from ..errors import ConfigError, FederationError, RequestError, StageFailedError
 from ..request import NOTHING_FORGOTTEN, UNLEARN, UnlearningRequest
 from . import planner
-from .evaluation import ServerEvaluator, SplitAccuracy, class_split, client_split, evaluate_on_clients
+from .evaluation import ServerEvaluator, SplitAccuracy, request_split
 from .federation import Federation, discover_federation, recorded_federation
 from .grid import for_deployment
 from .ledger import RUNNING, Ledger
 from .method import MethodContext, UnlearningMethod
-from .results import (TRAINED_CHECKPOINT_FILE, ExperimentRecord, StageRecord, check_checkpoint, entry_summary,
-                      load_checkpoint, model_digest, plot_class_accuracy, save_checkpoint, stores_summary, write_results)
+from .results import (CHECKPOINT_FILE, TRAINED_CHECKPOINT_FILE, ExperimentRecord, StageRecord, check_checkpoint, entry_summary,
+                      load_checkpoint, model_digest, plot_class_accuracy, save_checkpoint, stores_summary,
+                      write_results)
 from .stages import ResetStage, Stage, StagePlan
 
 
@@ -77,6 +79,7 @@ class Experiment:  # pylint: disable=too-many-instance-attributes
         self.forgotten = NOTHING_FORGOTTEN
         self.record = ExperimentRecord(config=config.resolved_run_config())
         self.run_index = 0
+        self.trained_partitions: list[int] | None = None
 
     def _federation(self) -> Federation:
         """Every node is asked who it is, except in a run that only unlearns with a method that
@@ -129,8 +132,8 @@ class Experiment:  # pylint: disable=too-many-instance-attributes
     def _load_state(self) -> None:
         """Current model's lineage and forgotten state, the earlier results, a repaired ledger."""
         checkpoint = self.checkpoint = load_checkpoint(self.output_path)
-        check_checkpoint(checkpoint, self.output_path, {"dataset": self.config.dataset, "model": self.model_spec.as_dict()},
-                         self.method.name, self.method.global_model)
+        identity = {"dataset": self.config.dataset, "model": self.model_spec.as_dict(), "experiment": self.config.experiment}
+        check_checkpoint(checkpoint, self.output_path, identity, self.method.name, self.method.global_model)
         self.lineage = checkpoint["lineage"]
         self.ledger.import_old_log()
         self.ledger.repair(self.lineage, checkpoint["log-entries"], checkpoint["last-log-entry"])
@@ -140,6 +143,7 @@ class Experiment:  # pylint: disable=too-many-instance-attributes
                 log(WARNING, "Request %s (%s) was interrupted in an earlier run; it is pending again", request.id,
                     request.request.label)
         self.forgotten = self.ledger.forgotten(self.lineage)
+        self._trained_by(checkpoint.get("trained-partitions"))
         previous = ExperimentRecord.load(self.output_path)
         if previous is not None and previous.runs and previous.runs[0].get("lineage") == self.lineage:
             previous.config = self.record.config
@@ -192,7 +196,9 @@ class Experiment:  # pylint: disable=too-many-instance-attributes
         arrays = self.run_stage(stage, initial, self.config.num_server_rounds)
         if history.interval:
             self.record.stores["federaser-bytes"] = history.size_bytes()
-        self._record_stores(getattr(stage, "last_metrics", {}))
+        answered = getattr(stage, "latest_metrics", {})
+        self._record_stores(answered)
+        self._trained_by(sorted(self.federation.partition_of(node) for node in answered))
         self.save_model(arrays, TRAINED_CHECKPOINT_FILE)
         self.save_model(arrays)
         return arrays
@@ -245,13 +251,14 @@ class Experiment:  # pylint: disable=too-many-instance-attributes
         excluded = before.classes | after.classes | (set(request.targets) if request.kind == "class" else set())
 
         def split(model: ArrayRecord) -> SplitAccuracy:
-            return self._split(model, request, excluded, before.clients | after.clients)
+            return request_split(self.evaluator, self.grid, self.federation, model, request, excluded,
+                                 before.clients | after.clients)
 
         entry: dict[str, Any] = {"index": index, "id": request_id, "action": action, **request.as_dict(),
                                  "label": request.label, "run": self.run_index}
         if self.method.global_model:  # else the method's stages report the clients' own evaluation
             entry["before"] = split(arrays).as_dict()
-        if action == UNLEARN and self.method.global_model and not self.context.training_participants(after):
+        if action == UNLEARN and self.method.global_model and not planner.training_participants(self.federation, after):
             log(INFO, "%s leaves no data to keep: the model goes back to its initialisation, Retrain-Or's answer",
                 request.label)
             entry["exact"] = NOTHING_LEFT
@@ -284,15 +291,6 @@ class Experiment:  # pylint: disable=too-many-instance-attributes
         self._commit(arrays, request_id, entry)
         return arrays
 
-    def _split(self, arrays: ArrayRecord, request: UnlearningRequest, excluded_classes: set[int],
-               forgotten_clients: set[int]) -> SplitAccuracy:
-        """F-Set/R-Set accuracy of a model for ``request`` (class-level: test set; client-level: client data)."""
-        if request.kind == "class":
-            classes = self.evaluator.evaluate(arrays)[1]
-            return class_split(classes, self.evaluator.class_sizes, set(request.targets), excluded_classes)
-        correct, totals = evaluate_on_clients(self.grid, self.federation, arrays)
-        return client_split(correct, totals, set(request.targets), forgotten_clients)
-
     # ----------------------------------------------------------------- records
     def _commit(self, arrays: ArrayRecord, request_id: int, entry: dict[str, Any]) -> None:
         """Record the request in results.json, then save the model, then mark it served in the ledger."""
@@ -304,16 +302,20 @@ class Experiment:  # pylint: disable=too-many-instance-attributes
                            lambda count, stamp: self.save_model(arrays, log_entries=count, last_log_entry=stamp))
         log(INFO, "Served: %s %s (request %s): %s", entry["action"], entry["label"], request_id, entry_summary(entry))
 
-    def save_model(self, arrays: ArrayRecord, name: str | None = None, log_entries: int = 0,
+    def _trained_by(self, partitions: list[int] | None) -> None:
+        """Note the partitions that trained the current model (None: all); a method drawing on stores uses only them."""
+        self.trained_partitions = partitions
+        if self.method.data == protocol.SYNTHETIC and partitions is not None:
+            self.context = replace(self.context, store_holders=frozenset(partitions))
+
+    def save_model(self, arrays: ArrayRecord, name: str = CHECKPOINT_FILE, log_entries: int = 0,
                    last_log_entry: dict[str, Any] | None = None) -> Path:
         """Checkpoint the global model with what identifies it and the request state it reflects."""
         metadata = {"dataset": self.config.dataset, "model": self.model_spec.as_dict(),
                     "global-model": self.method.global_model, "experiment": self.config.experiment,
-                    "lineage": self.lineage, "log-entries": log_entries, "last-log-entry": last_log_entry or {}}
-        state_dict = arrays.to_torch_state_dict()
-        if name:
-            return save_checkpoint(self.output_path, state_dict, metadata, name)
-        return save_checkpoint(self.output_path, state_dict, metadata)
+                    "lineage": self.lineage, "log-entries": log_entries, "last-log-entry": last_log_entry or {},
+                    "trained-partitions": self.trained_partitions}
+        return save_checkpoint(self.output_path, arrays.to_torch_state_dict(), metadata, name)
 
     def _record_stores(self, metrics_by_node: dict[int, Mapping[str, Any]]) -> None:
         clients = [self.federation.clients[node] for node in self.federation.node_ids]

@@ -33,7 +33,9 @@ from .strategies import RecoverStrategy, RelearnStrategy, StageStrategy, Trainin
 @dataclass(frozen=True)
 class MethodContext:
     """What a method's recipes may use: the settings, the federation, the model, the
-    server's evaluator and the experiment's folder on the server."""
+    server's evaluator and the experiment's folder on the server. ``store_holders``: for a
+    method that draws on the clients' stores, the partitions that trained the current model
+    (only they hold one; the others' data never reached it), else None; participants come from them."""
 
     config: RunConfig
     federation: Federation
@@ -41,6 +43,7 @@ class MethodContext:
     evaluator: ServerEvaluator
     output_path: Path
     rng: random.Random
+    store_holders: frozenset[int] | None = None
 
     def initial_model(self) -> ArrayRecord:
         """The model training starts from (seeded by ``seed``): also Retrain-Or's start."""
@@ -65,11 +68,11 @@ class MethodContext:
 
     def training_participants(self, state: Forgotten) -> list[int]:
         """Nodes of clients not forgotten that hold data of a class not forgotten."""
-        return planner.training_participants(self.federation, state)
+        return planner.training_participants(self.federation, state, self.store_holders)
 
     def unlearn_participants(self, request: UnlearningRequest, state: Forgotten) -> list[int]:
         """Nodes that unlearn ``request``: the holders of its classes, or its clients."""
-        return planner.unlearn_participants(self.federation, request, state)
+        return planner.unlearn_participants(self.federation, request, state, self.store_holders)
 
 
 class UnlearningMethod:
@@ -127,7 +130,7 @@ class UnlearningMethod:
         client kept, none when :meth:`needs_clients` says so."""
         if not self.needs_clients(ctx.config, action):
             return []
-        return planner.stage_participants(ctx.federation, action, request, state)
+        return planner.stage_participants(ctx.federation, action, request, state, ctx.store_holders)
 
     def training(self, ctx: MethodContext) -> Stage:
         """The training stage of a new trained model."""
@@ -159,11 +162,13 @@ class UnlearningMethod:
         )]
 
     def recovery(self, ctx: MethodContext, after: Forgotten, **options: Any) -> StagePlan:
-        """Recovery on the retain data of the clients not forgotten (none left: skipped);
+        """Recovery on the retain data of the clients not forgotten (none left: skipped), a
+        ``fraction-train`` sample of them per round as in training (the paper's SVHN setting);
         ``options`` go to :attr:`recover_strategy` besides the stage settings."""
         retained = ctx.training_participants(after)
         return StagePlan(
             lambda: self.recover_strategy(ctx.federation, participants=retained, exclude_classes=sorted(after.classes),
-                                          data=self.data, **ctx.stage_settings("recover"), **options),
+                                          data=self.data, fraction_train=ctx.config.fraction_train, rng=ctx.rng,
+                                          **ctx.stage_settings("recover"), **options),
             ctx.config.recover_rounds if retained else 0,
         )

@@ -8,7 +8,7 @@ Federation by hand.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 
 from .. import protocol
 from ..errors import RequestError
@@ -87,34 +87,45 @@ def check_stores(federation: Federation, nodes: set[int]) -> None:
 
 
 # ------------------------------------------------------------------ participants
-def holders(federation: Federation, classes: tuple[int, ...], state: Forgotten) -> list[int]:
+# ``among``: the partitions that may take part (None: every one); a method that draws on the
+# clients' stores passes those that trained the current model, as only they hold one.
+Among = Collection[int] | None
+
+
+def holders(federation: Federation, classes: tuple[int, ...], state: Forgotten, among: Among = None) -> list[int]:
     """Nodes of clients not forgotten that hold data of any of ``classes``."""
     return federation.nodes_where(
-        lambda c: c.partition_id not in state.clients and any(c.class_counts[k] for k in classes)
+        lambda c: _may(c, state, among) and any(c.class_counts[k] for k in classes)
     )
 
 
-def training_participants(federation: Federation, state: Forgotten) -> list[int]:
+def training_participants(federation: Federation, state: Forgotten, among: Among = None) -> list[int]:
     """Nodes of clients not forgotten that hold data of a class not forgotten."""
 
     def has_data(client: ClientInfo) -> bool:
         return any(n for c, n in enumerate(client.class_counts) if c not in state.classes)
 
-    return federation.nodes_where(lambda c: c.partition_id not in state.clients and has_data(c))
+    return federation.nodes_where(lambda c: _may(c, state, among) and has_data(c))
 
 
-def unlearn_participants(federation: Federation, request: UnlearningRequest, state: Forgotten) -> list[int]:
+def unlearn_participants(federation: Federation, request: UnlearningRequest, state: Forgotten,
+                         among: Among = None) -> list[int]:
     """Nodes that unlearn: the holders of the classes, or the clients to forget."""
     if request.kind == "class":
-        return holders(federation, request.targets, state)
-    return [federation.node_of(target) for target in request.targets]
+        return holders(federation, request.targets, state, among)
+    return [federation.node_of(target) for target in request.targets if among is None or target in among]
 
 
-def stage_participants(federation: Federation, action: str, request: UnlearningRequest, state: Forgotten) -> list[int]:
+def stage_participants(federation: Federation, action: str, request: UnlearningRequest, state: Forgotten,
+                       among: Among = None) -> list[int]:
     """Every node that takes part in serving ``request`` from ``state`` (unlearning and recovery,
     or relearning)."""
-    after = training_participants(federation, state.after(action, request))
-    return unlearn_participants(federation, request, state) + after if action == UNLEARN else after
+    after = training_participants(federation, state.after(action, request), among)
+    return unlearn_participants(federation, request, state, among) + after if action == UNLEARN else after
+
+
+def _may(client: ClientInfo, state: Forgotten, among: Among) -> bool:
+    return client.partition_id not in state.clients and (among is None or client.partition_id in among)
 
 
 def walk(plan: Plan, state: Forgotten = NOTHING_FORGOTTEN) -> list[tuple[str, UnlearningRequest, Forgotten]]:

@@ -210,7 +210,8 @@ def save_checkpoint(
 ) -> Path:
     """Save a global model with the metadata needed to check it fits a later run."""
     buffer = io.BytesIO()
-    torch.save({"format-version": CHECKPOINT_FORMAT_VERSION, "state-dict": state_dict, **metadata}, buffer)
+    content = {"format-version": CHECKPOINT_FORMAT_VERSION, "state-dict": state_dict, **metadata}
+    torch.save({**content, "checksum": _checksum(content)}, buffer)
     path = output_path / name
     atomic_write_bytes(path, buffer.getvalue())
     return path
@@ -226,27 +227,42 @@ def model_digest(state_dict: dict[str, torch.Tensor]) -> str:
     return digest.hexdigest()
 
 
+def _checksum(content: dict[str, Any]) -> str:
+    """SHA-256 of a checkpoint's model (:func:`model_digest`) and metadata."""
+    metadata = {key: value for key, value in content.items() if key not in ("state-dict", "checksum")}
+    text = model_digest(content["state-dict"]) + json.dumps(metadata, sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
 def load_checkpoint(output_path: Path, name: str = CHECKPOINT_FILE) -> dict[str, Any]:
-    """The checkpoint's contents (``state-dict`` and metadata).
+    """The checkpoint's contents (``state-dict`` and metadata), checked against its checksum.
 
     Raises
     ------
     RequestError
-        If there is no checkpoint, or it is of another format version.
+        If there is no checkpoint, it cannot be read, it does not match its checksum, or it
+        is of another format version; the message says what to do.
     """
     path = output_path / name
     if not path.is_file():
         raise RequestError(f"no trained model at {path}: run phase=train (or all) for this experiment first")
-    content = torch.load(path, weights_only=True)
+    remedy = "restore this experiment's own file, or train a new model with phase=train"
+    try:
+        content = torch.load(path, weights_only=True)
+        damaged = not isinstance(content, dict) or ("checksum" in content and content.pop("checksum") != _checksum(content))
+    except Exception as exc:  # pylint: disable=broad-exception-caught  # any damage torch or pickle meets
+        raise RequestError(f"{path} cannot be read as a checkpoint ({exc.__class__.__name__}): {remedy}") from exc
+    if damaged:
+        raise RequestError(f"{path} is damaged: its contents do not match the checksum saved with them; {remedy}")
     if content.get("format-version") != CHECKPOINT_FORMAT_VERSION:
-        raise RequestError(f"{path} has checkpoint format {content.get('format-version')}, "
-                           f"this app reads {CHECKPOINT_FORMAT_VERSION}")
+        raise RequestError(f"{path} has checkpoint format {content.get('format-version')}, this app reads "
+                           f"{CHECKPOINT_FORMAT_VERSION}: {remedy}")
     return content
 
 
 def check_checkpoint(checkpoint: dict[str, Any], output_path: Path, identity: dict[str, Any],
                      method_name: str, global_model: bool) -> None:
-    """Refuse a checkpoint of another dataset or model, or one trained by the other kind of
+    """Refuse a checkpoint of another dataset, model or experiment, or one trained by the other kind of
     method (one global model, or none: HDUS's clients keep their own)."""
     trained_global = checkpoint.get("global-model", True)
     if trained_global != global_model:
@@ -257,7 +273,8 @@ def check_checkpoint(checkpoint: dict[str, Any], output_path: Path, identity: di
     for key, value in identity.items():
         if checkpoint.get(key) != value:
             raise RequestError(f"the model in {output_path} was trained with {key} {checkpoint.get(key)!r}, "
-                               f"this run has {value!r}")
+                               f"this run has {value!r}: run with the settings it was trained with, or train "
+                               f"it again with phase=train")
 
 
 def entry_summary(entry: dict[str, Any]) -> str:

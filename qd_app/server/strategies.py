@@ -36,14 +36,13 @@ class StageStrategy(FedAvg):
     federation : Federation
         The nodes taking part in the experiment and the partitions they hold.
     participants : list[int], optional
-        Node ids that take part in every round; default: a ``fraction_train``
-        sample of the whole federation each round.
+        Node ids that may take part (default: the whole federation); each round a
+        ``fraction_train`` sample of them does.
     lr, epochs, batch_size, momentum, weight_decay, max_steps
         Local SGD of the stage, sent to the clients in every message: ``epochs``
         passes over the data the stage uses, capped at ``max_steps`` steps (0: no cap).
     fraction_train : float (default: 1.0)
-        Fraction of the federation's nodes sampled each round (at least one), when
-        no ``participants`` are given.
+        Fraction of the participants sampled each round (at least one; 1.0: all of them).
     rng : random.Random, optional
         Source of randomness for node sampling (seeded for reproducible runs).
     on_round : callable, optional
@@ -62,7 +61,7 @@ class StageStrategy(FedAvg):
     of its round's average with a warning; a round in which every client fails raises
     :class:`StageFailedError` with their reasons; a round in which every client reports
     weight 0 (no data, or nothing left to do) leaves the model unchanged. With fixed
-    ``participants`` the stage then ends: the remaining rounds would send the same
+    ``participants``, all of them in every round, the stage then ends: the remaining rounds would send the same
     model to the same clients, so they send nothing (``cost.rounds`` counts the rounds
     that ran).
     """
@@ -103,7 +102,7 @@ class StageStrategy(FedAvg):
         self.rng = rng or random.Random(0)
         self.on_round = on_round
         self.cost = StageCost()
-        self.last_metrics: dict[int, MetricRecord] = {}
+        self.latest_metrics: dict[int, MetricRecord] = {}  # node -> metrics of its latest valid reply
         self.left_out: dict[str, str] = {}  # partition (as a JSON key) -> why it was left out of a round
         self.ended = False
         self.changed_model = False  # whether any round moved the global model
@@ -120,12 +119,12 @@ class StageStrategy(FedAvg):
         return (result.arrays if len(result.arrays) > 0 else arrays), self.cost
 
     def select_nodes(self, server_round: int, grid: Grid) -> list[int]:  # pylint: disable=unused-argument
-        """Nodes that take part in this round: the participants, or a ``fraction_train`` sample."""
-        if self.participants is not None:
+        """Nodes that take part in this round: a ``fraction_train`` sample of the participants."""
+        if self.participants is not None and self.fraction_train >= 1.0:
             return list(self.participants)
-        node_ids = self.federation.node_ids
-        count = max(1, int(len(node_ids) * self.fraction_train))
-        return sorted(self.rng.sample(node_ids, count))
+        pool = self.federation.node_ids if self.participants is None else list(self.participants)
+        count = max(1, int(len(pool) * self.fraction_train))
+        return sorted(self.rng.sample(pool, count))
 
     def configure_train(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
@@ -154,7 +153,7 @@ class StageStrategy(FedAvg):
         valid = self._account(server_round, replies)
         with_data = [reply for reply in valid if int(reply_metrics(reply)[protocol.NUM_EXAMPLES])]
         if not with_data:
-            self.ended = self.participants is not None
+            self.ended = self.participants is not None and self.fraction_train >= 1.0
             log(INFO, "%s round %s: no client had anything to do; model unchanged%s", self.stage_name, server_round,
                 "; the stage ends" if self.ended else "")
             self.finish_round()
@@ -183,8 +182,8 @@ class StageStrategy(FedAvg):
                 self.stage_name, server_round, len(silent), len(self._addressed))
             for node in silent:
                 self._leave_out(node, f"round {server_round}: no reply")
-        self.last_metrics = {reply.metadata.src_node_id: reply_metrics(reply) for reply in valid}
-        metrics = list(self.last_metrics.values())
+        metrics = [reply_metrics(reply) for reply in valid]
+        self.latest_metrics.update({reply.metadata.src_node_id: m for reply, m in zip(valid, metrics)})
         cost = self.cost
         cost.samples = max(cost.samples, sum(int(m[protocol.NUM_EXAMPLES]) for m in metrics))
         cost.sample_gradients += sum(int(m.get(protocol.SAMPLE_GRADIENTS, 0)) for m in metrics)
