@@ -66,6 +66,7 @@ DISTILL_LR = "distill-lr"
 DISTILL_MOMENTUM = "distill-momentum"
 DISTILL_BATCH = "distill-batch"
 FINETUNE_STEPS = "finetune-steps"
+NEW_STORE = "new-store"  # the client's first round of this training: it starts a new synthetic set
 # what a stage trains on
 DATA = "data"  # SYNTHETIC or ORIGINAL
 SYNTHETIC = "synthetic"  # the client's store: synthetic images + real augmentation samples

@@ -15,6 +15,8 @@ import signal
 import socket
 import threading
 import time
+from collections.abc import Callable
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -99,25 +101,36 @@ def test_train_restart_nodes_submit_serve_and_relearn_in_separate_runs(federatio
     assert requests(federation, "list") == 0 and "ticket 7" in capsys.readouterr().out
 
 
-def test_a_node_lost_in_a_stage_is_recorded_and_a_request_that_needs_it_waits(federation, flwr_home):
-    folder = LocalFederation(federation)
-    worker_log = federation / "node-1" / "store" / ".worker-1.log"  # a line per task node 1's worker ran
+@contextmanager
+def when_recovery_starts(federation: Path, node: int, fault: Callable[[], None]):
+    """Inject ``fault`` once ``node``'s worker starts a recovery task (its log has a line per task),
+    while the block runs; yields a list that holds True once it was injected."""
+    worker_log = federation / f"node-{node}" / "store" / f".worker-{node}.log"
     recoveries = lambda: worker_log.read_text().count("train.recover") if worker_log.exists() else 0  # noqa: E731
-    recoveries_before = recoveries()
+    before, done, injected = recoveries(), threading.Event(), []
 
-    def kill_node_1_when_recovery_starts() -> None:  # after its first recovery round: lost inside the stage
-        deadline = time.monotonic() + 600
-        while time.monotonic() < deadline:
-            if recoveries() > recoveries_before:
-                folder.down([1])
+    def watch() -> None:
+        while not done.is_set():
+            if recoveries() > before:
+                fault()
+                injected.append(True)
                 return
             time.sleep(0.2)
 
-    killer = threading.Thread(target=kill_node_1_when_recovery_starts)
-    killer.start()
-    run = flwr_run(federation, flwr_home, phase="unlearn", forget_class="4", recover_rounds=4)
-    killer.join()
-    assert run["status"] == "finished:completed", run["log"][-3000:]
+    watcher = threading.Thread(target=watch)
+    watcher.start()
+    try:
+        yield injected
+    finally:
+        done.set()
+        watcher.join()
+
+
+def test_a_node_lost_in_a_stage_is_recorded_and_a_request_that_needs_it_waits(federation, flwr_home):
+    folder = LocalFederation(federation)
+    with when_recovery_starts(federation, 1, lambda: folder.down([1])) as lost_node:  # lost inside the stage
+        run = flwr_run(federation, flwr_home, phase="unlearn", forget_class="4", recover_rounds=4)
+    assert lost_node and run["status"] == "finished:completed", run["log"][-3000:]
     ledger = Ledger(federation / "outputs" / "e2e")
     lost = ledger.requests()[-1]
     assert lost.state == "served" and "1" in lost.served["left-out"]["recover"]  # served without it, recorded
@@ -159,26 +172,16 @@ def serverapp_processes(superlink_pid: int) -> list[int]:
 
 def test_the_server_process_killed_inside_recovery_leaves_the_request_running_and_a_rerun_serves_it_once(
         federation, flwr_home):
-    worker_log = federation / "node-0" / "store" / ".worker-0.log"  # a line per task node 0's worker ran
-    recoveries = lambda: worker_log.read_text().count("train.recover") if worker_log.exists() else 0  # noqa: E731
-    recoveries_before, killed = recoveries(), []
     outputs = federation / "outputs" / "e2e"
     model_before = model_digest(load_checkpoint(outputs)["state-dict"])
     superlink = LocalFederation(federation).load().superlink["pid"]
 
-    def kill_the_server_app_when_recovery_starts() -> None:
-        deadline = time.monotonic() + 600
-        while time.monotonic() < deadline and not killed:
-            if recoveries() > recoveries_before:
-                for pid in serverapp_processes(superlink):
-                    os.kill(pid, signal.SIGKILL)
-                    killed.append(pid)
-            time.sleep(0.2)
+    def kill_the_server_app() -> None:
+        for pid in serverapp_processes(superlink):
+            os.kill(pid, signal.SIGKILL)
 
-    killer = threading.Thread(target=kill_the_server_app_when_recovery_starts)
-    killer.start()
-    run = flwr_run(federation, flwr_home, phase="unlearn", forget_class="5", recover_rounds=4)
-    killer.join()
+    with when_recovery_starts(federation, 0, kill_the_server_app) as killed:
+        run = flwr_run(federation, flwr_home, phase="unlearn", forget_class="5", recover_rounds=4)
     assert killed and run["status"] != "finished:completed", run["log"][-3000:]
     ledger = Ledger(outputs)
     interrupted = ledger.requests()[-1]
@@ -196,26 +199,12 @@ def test_the_server_process_killed_inside_recovery_leaves_the_request_running_an
 
 def test_a_store_damaged_inside_recovery_makes_its_client_fail_and_the_request_is_served_without_it(
         federation, flwr_home):
-    worker_log = federation / "node-0" / "store" / ".worker-0.log"
-    recoveries = lambda: worker_log.read_text().count("train.recover") if worker_log.exists() else 0  # noqa: E731
-    recoveries_before, damaged = recoveries(), []
     store = federation / "node-2" / "store" / "e2e" / "partition-2.qdstore"
     intact = store.read_bytes()
-
-    def truncate_node_2s_store_when_recovery_starts() -> None:  # a real exception in node 2's ClientApp
-        deadline = time.monotonic() + 600
-        while time.monotonic() < deadline and not damaged:
-            if recoveries() > recoveries_before:
-                store.write_bytes(intact[: len(intact) // 2])
-                damaged.append(store)
-            time.sleep(0.2)
-
-    killer = threading.Thread(target=truncate_node_2s_store_when_recovery_starts)
-    killer.start()
-    try:
-        run = flwr_run(federation, flwr_home, phase="unlearn", forget_class="6", recover_rounds=4)
+    try:  # a real exception in node 2's ClientApp
+        with when_recovery_starts(federation, 0, lambda: store.write_bytes(intact[: len(intact) // 2])) as damaged:
+            run = flwr_run(federation, flwr_home, phase="unlearn", forget_class="6", recover_rounds=4)
     finally:
-        killer.join()
         store.write_bytes(intact)
     assert damaged and run["status"] == "finished:completed", run["log"][-3000:]
     served = Ledger(federation / "outputs" / "e2e").requests()[-1]

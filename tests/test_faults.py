@@ -194,6 +194,7 @@ CHECKPOINT_DAMAGE = {
     "truncated": (lambda path: path.write_bytes(path.read_bytes()[: path.stat().st_size // 2]),
                   "cannot be read as a checkpoint"),
     "bit flip": (lambda path: path.write_bytes(_flipped(path.read_bytes())), "is damaged|cannot be read"),
+    "parameters changed": (lambda path: _tampered(path), "is damaged: its contents do not match the checksum"),
     "not a checkpoint": (lambda path: path.write_text("model"), "cannot be read as a checkpoint"),
     "another format version": (lambda path: torch.save({**load_checkpoint(path.parent), "format-version": 2}, path),
                                "has checkpoint format 2, this app reads 1"),
@@ -204,6 +205,14 @@ CHECKPOINT_DAMAGE = {
     "another experiment": (lambda path: _resaved(path, experiment="other"),
                            "trained with experiment 'other', this run has 'tiny'"),
 }
+
+
+def _tampered(path: Path) -> None:
+    """A readable checkpoint whose parameters no longer match its checksum (a flip torch.load cannot see)."""
+    content = torch.load(path, weights_only=True)
+    first = next(iter(content["state-dict"].values()))
+    first.view(-1)[0] += 1.0
+    torch.save(content, path)
 
 
 def _flipped(content: bytes) -> bytes:
@@ -223,3 +232,15 @@ def test_a_damaged_or_foreign_checkpoint_is_refused_with_what_to_do_and_nothing_
         run(unlearn)
     assert "phase=train" in str(refused.value)  # what to do
     assert snapshot(tmp_path) == before and not Ledger(tmp_path / "tiny").requests()
+
+
+def test_a_checkpoint_of_an_earlier_version_without_checksum_or_trained_partitions_is_served(
+        tmp_path, tiny_mnist_dir, reference):
+    train, unlearn, _ = lifecycle(tmp_path, tiny_mnist_dir)
+    run(train)
+    path = tmp_path / "tiny" / "model.pt"
+    content = torch.load(path, weights_only=True)
+    torch.save({key: value for key, value in content.items() if key not in ("checksum", "trained-partitions")}, path)
+    run(unlearn)
+    assert Ledger(tmp_path / "tiny").requests()[-1].state == "served"
+    assert current_model(tmp_path) == reference["unlearn"]

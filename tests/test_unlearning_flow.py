@@ -12,6 +12,7 @@ import torch
 from test_apps import run_server, tiny_run_config
 
 from qd_app.client import tasks as client_tasks
+from qd_app.client.store import load_store, store_path
 from qd_app.server import experiment
 from qd_app.server import strategies
 from qd_app.config import RunConfig
@@ -305,6 +306,11 @@ def test_clients_that_never_trained_are_left_out_of_serving_and_their_requests_c
     assert results(tmp_path)["requests"][-1]["skipped"] == ["recover"]
     assert model_digest(torch.load(tmp_path / "tiny" / "model.pt", weights_only=True)["state-dict"]) == before
 
+    grid = run_server({**base, "phase": "relearn", "forget-class": "", "forget-client": str(untrained[0])},
+                      num_partitions=4)
+    assert not nodes_sent(grid, "train.relearn") and served(tmp_path)[-1] == ("relearn", [untrained[0]])
+    assert model_digest(torch.load(tmp_path / "tiny" / "model.pt", weights_only=True)["state-dict"]) == before
+
 
 def test_recovery_samples_a_fraction_of_the_clients_per_round_and_unlearning_asks_every_holder(tiny_mnist_dir,
                                                                                                tmp_path):
@@ -317,3 +323,26 @@ def test_recovery_samples_a_fraction_of_the_clients_per_round_and_unlearning_ask
     assert nodes_sent(grid, "train.unlearn")[0] == [p for p in trained if counts[p][3]]
     recovery = nodes_sent(grid, "train.recover")
     assert recovery and all(len(sent) == max(1, len(trained) // 2) and set(sent) <= set(trained) for sent in recovery)
+
+
+def test_with_sampled_clients_one_run_of_phase_all_gives_the_model_of_separate_runs(tiny_mnist_dir, tmp_path):
+    """Which clients recovery samples depends on the seed and the request, not on what the run did before."""
+    settings = {"fraction-train": 0.5, "num-server-rounds": 2, "relearn-rounds": 0, **STRONG_UNLEARNING}
+    digests = []
+    for folder, phases in ((tmp_path / "one", ["all"]), (tmp_path / "two", ["train", "unlearn"])):
+        base = tiny_run_config(tiny_mnist_dir, folder, **{"forget-class": "3"}, **settings)
+        for phase in phases:
+            run_server({**base, "phase": phase}, num_partitions=4)
+        digests.append(model_digest(torch.load(folder / "tiny" / "model.pt", weights_only=True)["state-dict"]))
+    assert digests[0] == digests[1]
+
+
+def test_a_client_first_sampled_in_a_later_round_starts_a_new_store_not_an_earlier_trainings(tiny_mnist_dir,
+                                                                                             tmp_path):
+    base = tiny_run_config(tiny_mnist_dir, tmp_path, **{"num-server-rounds": 2})
+    run_server(base, num_partitions=4)  # every client distils 2 rounds into its store
+    grid = run_server({**base, "fraction-train": 0.5, "num-server-rounds": 3}, num_partitions=4)
+    rounds = nodes_sent(grid, "train.distill")
+    for partition in torch.load(tmp_path / "tiny" / "model.pt", weights_only=True)["trained-partitions"]:
+        _, metadata = load_store(store_path(tmp_path / "stores", "tiny", partition))
+        assert metadata["rounds-distilled"] == sum(partition in sent for sent in rounds)  # none of the 2 before

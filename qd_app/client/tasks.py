@@ -111,12 +111,13 @@ def local_train(client: ClientRun, arrays: ArrayRecord, config: ConfigRecord) ->
 def distill_train(client: ClientRun, arrays: ArrayRecord, config: ConfigRecord) -> tuple[ArrayRecord, MetricRecord]:
     """QuickDrop training round: local SGD that also distils the data into the store.
 
-    The store is created in the first round (from random real images) and carried
-    across rounds; in the last round it is optionally fine-tuned.
+    The store is created in the client's first round of the training (from random real
+    images; the server says which) and carried across rounds; in the last round it is
+    optionally fine-tuned.
     """
     server_round = int(config[protocol.SERVER_ROUND])
     metadata: dict[str, Any] = {"rounds-distilled": 0, "finetune-steps": 0}
-    if server_round == 1:
+    if bool(config[protocol.NEW_STORE]):
         synthetic_set = initial_synthetic_set(client.train_data, client.config.scale, client.generator(config, 1))
     else:
         try:

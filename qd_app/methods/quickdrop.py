@@ -29,7 +29,7 @@ class QuickDropTraining(StageStrategy):
 
     The model trajectory is FedAvg's (the model steps on real gradients); each client
     additionally updates its per-class synthetic images by gradient matching at every
-    local step, creates its store in round 1 and keeps it on its own disk.
+    local step, creates its store in the first round it takes part in and keeps it on its own disk.
 
     Parameters
     ----------
@@ -69,6 +69,14 @@ class QuickDropTraining(StageStrategy):
                 protocol.FINETUNE_STEPS: finetune_steps,
             }
         )
+        self.started: set[int] = set()  # nodes sent a round of this training
+
+    def node_config(self, node_id: int) -> dict[str, bool | int | float | str]:
+        """Whether the node's client starts a new store: in the first round it takes part in (with
+        ``fraction-train`` < 1 not always round 1), not from a store an earlier training left."""
+        new_store = node_id not in self.started
+        self.started.add(node_id)
+        return {protocol.NEW_STORE: new_store}
 
 
 class UnlearnStrategy(StageStrategy):
@@ -121,11 +129,11 @@ class GradientAscent(UnlearningMethod):
         """Gradient ascent on the forget data, then recovery if the ascent changed the model."""
         class_level = request.kind == "class"
         epochs = None if class_level else ctx.config.unlearn_client_epochs
-        quantiles = None if class_level else ctx.evaluator.loss_quantiles(arrays)
-        built: list[StageStrategy] = []
-        participants = ctx.unlearn_participants(request, before)
+        participants = ctx.unlearn_participants(request, before)  # none: its data never reached the model
         if not participants:
             log(INFO, "No client that trained the model holds data of %s: nothing to unlearn", request.label)
+        quantiles = None if class_level or not participants else ctx.evaluator.loss_quantiles(arrays)
+        built: list[StageStrategy] = []
 
         def ascent_stage() -> StageStrategy:
             built.append(self.unlearn_strategy(

@@ -29,7 +29,8 @@ class Retrain(UnlearningMethod):
         retained = ctx.training_participants(after)
         return [StagePlan(
             lambda: self.retrain_strategy(ctx.federation, participants=retained, exclude_classes=sorted(after.classes),
-                                          fraction_train=ctx.config.fraction_train, rng=ctx.rng,
+                                          fraction_train=ctx.config.fraction_train,
+                                          rng=ctx.stage_rng("retrain", after),
                                           **ctx.training_settings()),
             ctx.config.num_server_rounds,
             start=lambda _: ctx.initial_model(),

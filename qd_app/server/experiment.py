@@ -196,9 +196,9 @@ class Experiment:  # pylint: disable=too-many-instance-attributes
         arrays = self.run_stage(stage, initial, self.config.num_server_rounds)
         if history.interval:
             self.record.stores["federaser-bytes"] = history.size_bytes()
-        answered = getattr(stage, "latest_metrics", {})
-        self._record_stores(answered)
-        self._trained_by(sorted(self.federation.partition_of(node) for node in answered))
+        answered = getattr(stage, "latest_metrics", None)  # None: the stage does not say, so every partition
+        self._record_stores(answered or {})
+        self._trained_by(None if answered is None else sorted(map(self.federation.partition_of, answered)))
         self.save_model(arrays, TRAINED_CHECKPOINT_FILE)
         self.save_model(arrays)
         return arrays
@@ -258,7 +258,7 @@ class Experiment:  # pylint: disable=too-many-instance-attributes
                                  "label": request.label, "run": self.run_index}
         if self.method.global_model:  # else the method's stages report the clients' own evaluation
             entry["before"] = split(arrays).as_dict()
-        if action == UNLEARN and self.method.global_model and not planner.training_participants(self.federation, after):
+        if action == UNLEARN and self.method.global_model and not self.context.training_participants(after):
             log(INFO, "%s leaves no data to keep: the model goes back to its initialisation, Retrain-Or's answer",
                 request.label)
             entry["exact"] = NOTHING_LEFT

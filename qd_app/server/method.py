@@ -66,6 +66,11 @@ class MethodContext:
         """The client updates recorded during training (``federaser-interval``)."""
         return UpdateHistory(self.output_path / HISTORY_FOLDER, self.config.federaser_interval)
 
+    def stage_rng(self, stage: str, after: Forgotten) -> random.Random:
+        """The client sampling of a ``stage`` that leaves ``after`` forgotten: seeded by ``seed``,
+        the stage and the state, so a rerun, or the same request served in another run, samples alike."""
+        return random.Random(f"{self.config.seed}/{stage}/{sorted(after.classes)}/{sorted(after.clients)}")
+
     def training_participants(self, state: Forgotten) -> list[int]:
         """Nodes of clients not forgotten that hold data of a class not forgotten."""
         return planner.training_participants(self.federation, state, self.store_holders)
@@ -118,10 +123,12 @@ class UnlearningMethod:
     def required_partitions(self, ctx: MethodContext, action: str, request: UnlearningRequest,
                             before: Forgotten) -> set[int]:
         """The partitions that must be connected to serve ``action`` of ``request`` from ``before``
-        (else it waits for a later run): every one not forgotten, none for a server-only answer."""
+        (else it waits for a later run): every one not forgotten (of the :attr:`MethodContext.store_holders`,
+        when set), none for a server-only answer."""
         if not self.needs_clients(ctx.config, action):
             return set()
-        return set(range(ctx.federation.num_partitions)) - before.clients
+        required = set(range(ctx.federation.num_partitions)) - before.clients
+        return required if ctx.store_holders is None else required & ctx.store_holders
 
     def participants(self, ctx: MethodContext, action: str, request: UnlearningRequest,
                      state: Forgotten) -> list[int]:
@@ -151,14 +158,16 @@ class UnlearningMethod:
         raise NotImplementedError
 
     def relearn(self, ctx: MethodContext, request: UnlearningRequest, after: Forgotten) -> list[StagePlan]:
-        """The stages that relearn ``request``: SGD with its data back in (the paper's Table 5)."""
+        """The stages that relearn ``request``: SGD with its data back in (the paper's Table 5);
+        none for clients whose data never reached the model (nothing to bring back)."""
         participants = ctx.training_participants(after)
         relearned = list(request.targets) if request.kind == "class" else []
+        never_trained = request.kind == "client" and not ctx.unlearn_participants(request, after)
         return [StagePlan(
             lambda: self.relearn_strategy(
                 ctx.federation, participants=participants, exclude_classes=sorted(after.classes),
                 relearn_classes=relearned, data=self.data, **ctx.stage_settings("relearn")),
-            ctx.config.relearn_rounds,
+            0 if never_trained else ctx.config.relearn_rounds,
         )]
 
     def recovery(self, ctx: MethodContext, after: Forgotten, **options: Any) -> StagePlan:
@@ -168,7 +177,8 @@ class UnlearningMethod:
         retained = ctx.training_participants(after)
         return StagePlan(
             lambda: self.recover_strategy(ctx.federation, participants=retained, exclude_classes=sorted(after.classes),
-                                          data=self.data, fraction_train=ctx.config.fraction_train, rng=ctx.rng,
+                                          data=self.data, fraction_train=ctx.config.fraction_train,
+                                          rng=ctx.stage_rng("recover", after),
                                           **ctx.stage_settings("recover"), **options),
             ctx.config.recover_rounds if retained else 0,
         )

@@ -249,9 +249,11 @@ def load_checkpoint(output_path: Path, name: str = CHECKPOINT_FILE) -> dict[str,
     remedy = "restore this experiment's own file, or train a new model with phase=train"
     try:
         content = torch.load(path, weights_only=True)
-        damaged = not isinstance(content, dict) or ("checksum" in content and content.pop("checksum") != _checksum(content))
+        if not isinstance(content, dict):
+            raise TypeError(f"it holds a {type(content).__name__}")
+        damaged = "checksum" in content and content.pop("checksum") != _checksum(content)
     except Exception as exc:  # pylint: disable=broad-exception-caught  # any damage torch or pickle meets
-        raise RequestError(f"{path} cannot be read as a checkpoint ({exc.__class__.__name__}): {remedy}") from exc
+        raise RequestError(f"{path} cannot be read as a checkpoint ({exc.__class__.__name__}: {exc}): {remedy}") from exc
     if damaged:
         raise RequestError(f"{path} is damaged: its contents do not match the checksum saved with them; {remedy}")
     if content.get("format-version") != CHECKPOINT_FORMAT_VERSION:
@@ -272,9 +274,11 @@ def check_checkpoint(checkpoint: dict[str, Any], output_path: Path, identity: di
                            f"{needs}: serve it with a method of the kind that trained it, or train a new experiment")
     for key, value in identity.items():
         if checkpoint.get(key) != value:
+            remedy = ("it belongs to another experiment: restore this experiment's own file, or train it with "
+                      "phase=train") if key == "experiment" else (
+                "run with the settings it was trained with, or train it again with phase=train")
             raise RequestError(f"the model in {output_path} was trained with {key} {checkpoint.get(key)!r}, "
-                               f"this run has {value!r}: run with the settings it was trained with, or train "
-                               f"it again with phase=train")
+                               f"this run has {value!r}: {remedy}")
 
 
 def entry_summary(entry: dict[str, Any]) -> str:

@@ -142,7 +142,18 @@ class StageStrategy(FedAvg):
         record = RecordDict({self.arrayrecord_key: arrays, self.configrecord_key: round_config})
         self.cost.bytes_sent += arrays.count_bytes() * len(node_ids)
         self._sent, self._addressed = arrays, list(node_ids)
-        return self._construct_messages(record, node_ids, self.message_type)
+        messages = []
+        for node in node_ids:
+            extra = self.node_config(node)
+            content = record if not extra else RecordDict(
+                {self.arrayrecord_key: arrays, self.configrecord_key: ConfigRecord({**dict(round_config), **extra})})
+            messages.append(Message(content, message_type=self.message_type, dst_node_id=node))
+        return messages
+
+    def node_config(self, node_id: int) -> dict[str, bool | int | float | str]:  # pylint: disable=unused-argument
+        """Settings of one node's message on top of the round's (none by default); called once
+        per node and round, in the order the messages are built."""
+        return {}
 
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]
