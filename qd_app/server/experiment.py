@@ -48,9 +48,9 @@ from .federation import Federation, discover_federation, recorded_federation
 from .grid import for_deployment
 from .ledger import RUNNING, Ledger
 from .method import MethodContext, UnlearningMethod
-from .results import (CHECKPOINT_FILE, TRAINED_CHECKPOINT_FILE, ExperimentRecord, StageRecord, check_checkpoint, entry_summary,
-                      load_checkpoint, model_digest, plot_class_accuracy, save_checkpoint, stores_summary,
-                      write_results)
+from .results import (CHECKPOINT_FILE, TRAINED_CHECKPOINT_FILE, ExperimentRecord, StageRecord, check_checkpoint,
+                      entry_summary, load_checkpoint, model_digest, plot_class_accuracy, save_checkpoint,
+                      stores_summary, write_results)
 from .stages import ResetStage, Stage, StagePlan
 
 
@@ -132,7 +132,8 @@ class Experiment:  # pylint: disable=too-many-instance-attributes
     def _load_state(self) -> None:
         """Current model's lineage and forgotten state, the earlier results, a repaired ledger."""
         checkpoint = self.checkpoint = load_checkpoint(self.output_path)
-        identity = {"dataset": self.config.dataset, "model": self.model_spec.as_dict(), "experiment": self.config.experiment}
+        identity = {"dataset": self.config.dataset, "model": self.model_spec.as_dict(),
+                    "experiment": self.config.experiment}
         check_checkpoint(checkpoint, self.output_path, identity, self.method.name, self.method.global_model)
         self.lineage = checkpoint["lineage"]
         self.ledger.import_old_log()
@@ -337,8 +338,7 @@ def run_phase(grid: Grid, config: RunConfig, method: UnlearningMethod) -> Experi
                           f"method={config.method!r} (one global model) cannot use: set it empty, or use hdus")
     experiment = Experiment(for_deployment(grid), config, method)
     with experiment.ledger.serving():
-        steps = experiment.plan()
-        steps = experiment.record_requests(steps)
+        steps = experiment.record_requests(experiment.plan())
         arrays = experiment.train() if config.phase in ("all", "train") else experiment.load_model()
         for action, request, request_id in steps:
             arrays = experiment.serve(action, request, request_id, arrays)
