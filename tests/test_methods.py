@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 from test_apps import run_server, tiny_run_config
-from test_unlearning_flow import nodes_sent
+from test_unlearning_flow import nodes_sent, snapshot
 
 from qd_app.errors import RequestError
 from qd_app.core.unlearning import LOSS_CAP, UNSEEN_QUANTILES
@@ -105,6 +105,12 @@ def test_fu_mp_cannot_relearn_and_federaser_needs_its_history(trained, tmp_path)
     run_server({**config, "phase": "unlearn", "method": "fu-mp", "forget-class": "3"})
     with pytest.raises(RequestError, match="fu-mp cannot relearn"):
         run_server({**config, "phase": "relearn", "method": "fu-mp", "forget-class": ""})
+    stored = tmp_path / "tiny" / "federaser" / "round-2.pt"
+    stored.write_bytes(stored.read_bytes()[:100])  # damaged: refused before any stage, nothing written
+    before = snapshot(tmp_path)
+    with pytest.raises(RequestError, match="history .*round-2.pt cannot be read .*train again with federaser-interval"):
+        run_server({**config, "phase": "unlearn", "method": "federaser", "forget-class": "4"})
+    assert snapshot(tmp_path) == before
     shutil.rmtree(tmp_path / "tiny" / "federaser")
     with pytest.raises(RequestError, match="federaser needs the client updates recorded during training"):
         run_server({**config, "phase": "unlearn", "method": "federaser", "forget-class": "4"})

@@ -97,6 +97,8 @@ class FedEraser(UnlearningMethod):
         if ctx.config.phase != "all" and not history.rounds():
             raise RequestError(f"method federaser needs the client updates recorded during training, and "
                                f"{history.folder} has none: train with federaser-interval (e.g. 2)")
+        for stored in history.rounds():  # every file readable, before any stage runs
+            history.load(stored)
 
     def unlearn(self, ctx: MethodContext, request: UnlearningRequest, before: Forgotten, after: Forgotten,
                 arrays: ArrayRecord) -> list[StagePlan]:

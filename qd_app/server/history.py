@@ -14,6 +14,7 @@ from flwr.app import ArrayRecord, Message
 
 from .. import protocol
 from ..atomic import atomic_write_bytes
+from ..errors import RequestError
 from ..core.models import StateDict
 from .federation import Federation
 from .strategies import reply_arrays, reply_metrics
@@ -45,8 +46,22 @@ class UpdateHistory:
         return sorted(int(path.stem.split("-")[1]) for path in self.folder.glob("round-*.pt"))
 
     def load(self, server_round: int) -> dict:
-        """One stored round: ``global``, ``updates`` and ``num-examples``."""
-        return torch.load(self.folder / f"round-{server_round}.pt", weights_only=True)
+        """One stored round: ``global``, ``updates`` and ``num-examples``.
+
+        Raises
+        ------
+        RequestError
+            If the file cannot be read as a stored round (damaged), saying what to do.
+        """
+        path = self.folder / f"round-{server_round}.pt"
+        try:
+            content = torch.load(path, weights_only=True)
+            if not isinstance(content, dict) or {"global", "updates", "num-examples"} - set(content):
+                raise ValueError("not a stored round")
+        except Exception as exc:  # pylint: disable=broad-exception-caught  # any damage torch or pickle meets
+            raise RequestError(f"FedEraser's history {path} cannot be read ({exc.__class__.__name__}: {exc}): "
+                               "train again with federaser-interval set (phase=train), or restore the file") from exc
+        return content
 
     def size_bytes(self) -> int:
         """Server storage the history takes."""
