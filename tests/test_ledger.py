@@ -118,3 +118,12 @@ def test_a_second_run_on_the_same_experiment_is_refused(tmp_path):
     with Ledger(tmp_path / "exp").serving():  # free again once the first is done
         pass
     assert not (tmp_path / "exp").exists()  # the lock sits beside the experiment's folder
+
+
+@pytest.mark.parametrize("content", [b"not a database at all", b"SQLite format 3\x00" + b"\x07" * 4000])
+def test_a_damaged_ledger_file_is_refused_with_what_to_do(tmp_path, content):
+    (tmp_path / "ledger.sqlite").write_bytes(content)
+    for read in (lambda ledger: ledger.requests(), lambda ledger: ledger.receive("unlearn", CLASS_3, "me", "submit")):
+        with pytest.raises(LedgerError, match="ledger.sqlite is damaged .*restore it from a backup"):
+            read(Ledger(tmp_path))
+    assert (tmp_path / "ledger.sqlite").read_bytes() == content

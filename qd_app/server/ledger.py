@@ -81,7 +81,7 @@ class Ledger:
     @contextlib.contextmanager
     def _connection(self, write: bool) -> Iterator[sqlite3.Connection | None]:
         """A connection (``None`` when reading a ledger that does not exist yet); a write is one
-        immediate transaction, so concurrent writers append one after another."""
+        immediate transaction, so concurrent writers append one after another; a damaged file is refused."""
         if not write and not self.path.exists():
             yield None
             return
@@ -101,15 +101,17 @@ class Ledger:
             except BaseException:
                 connection.execute("ROLLBACK")
                 raise
+        except sqlite3.DatabaseError as exc:  # the file itself; OperationalError (locked, ...) is not
+            if isinstance(exc, sqlite3.OperationalError):
+                raise
+            raise LedgerError(f"{self.path} is damaged ({exc}): restore it from a backup and check it "
+                              "with qd-app requests verify") from exc
         finally:
             connection.close()
 
     def _events(self) -> list[sqlite3.Row]:
         with self._connection(write=False) as connection:
-            if connection is None:
-                return []
-            connection.row_factory = sqlite3.Row
-            return connection.execute("SELECT * FROM events ORDER BY seq").fetchall()
+            return [] if connection is None else self._rows(connection)
 
     def _append(self, connection: sqlite3.Connection, request: int, event: str, payload: Entry) -> None:
         row = connection.execute("SELECT seq, hash FROM events ORDER BY seq DESC LIMIT 1").fetchone()
