@@ -14,8 +14,8 @@ from flwr.app import ArrayRecord, Message
 
 from .. import protocol
 from ..atomic import atomic_write_bytes
-from ..errors import RequestError
 from ..core.models import StateDict
+from ..errors import RequestError
 from .federation import Federation
 from .strategies import reply_arrays, reply_metrics
 
