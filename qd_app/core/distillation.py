@@ -24,7 +24,7 @@ from torch import nn
 from .data import LabeledImages
 from .matching import matching_distance
 from .models import ModelSpec, build_model
-from .training import TrainStats, batch_indices
+from .training import TrainStats, device_batches
 
 @dataclass
 class SyntheticSet:
@@ -180,14 +180,10 @@ def train_with_distillation(  # pylint: disable=too-many-arguments,too-many-loca
     params = [p for p in model.parameters() if p.requires_grad]
     class_images = _class_leaves(synthetic.synthetic, device)
     image_optimizer = torch.optim.SGD(list(class_images.values()), lr=image_lr, momentum=image_momentum)
-    # the data go to the device once; batches are split by class on the host (no device sync)
-    all_images, all_labels = data.images.to(device, non_blocking=True), data.labels.to(device, non_blocking=True)
     loss_sum, distance_sum, timer = torch.zeros((), device=device), torch.zeros((), device=device), DeviceTimer(device)
     model.train()
-    for batch in batch_indices(len(data), batch_size, epochs, max_steps, generator):
-        batch_labels = data.labels[batch]
-        on_device = batch.to(device, non_blocking=True)
-        images, labels = all_images[on_device], all_labels[on_device]
+    for batch, images, labels in device_batches(data, batch_size, epochs, max_steps, generator, device):
+        batch_labels = data.labels[batch]  # the class split on the host (no device sync)
         update = [torch.zeros_like(p) for p in params]
         classes, chosen, targets = [], [], []
         for cls in batch_labels.unique().tolist():

@@ -53,6 +53,18 @@ def batch_indices(
             yield order[start : start + batch_size]
 
 
+def device_batches(
+    data: LabeledImages, batch_size: int, epochs: int, max_steps: int, generator: torch.Generator,
+    device: torch.device,
+) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+    """:func:`batch_indices` of ``data`` with each batch's images and labels on ``device``: the data
+    go to the device once and batches are indexed there (no copy or device sync per step)."""
+    all_images, all_labels = data.images.to(device, non_blocking=True), data.labels.to(device, non_blocking=True)
+    for batch in batch_indices(len(data), batch_size, epochs, max_steps, generator):
+        on_device = batch.to(device, non_blocking=True)
+        yield batch, all_images[on_device], all_labels[on_device]
+
+
 def make_optimizer(
     model: nn.Module, lr: float, momentum: float = 0.0, weight_decay: float = 0.0
 ) -> torch.optim.SGD:
@@ -84,13 +96,9 @@ def train_epochs(  # pylint: disable=too-many-arguments
     stats = TrainStats()
     if len(data) == 0:
         return stats
-    # the data go to the device once, and the loss is summed there (no device sync per step)
-    all_images, all_labels = data.images.to(device, non_blocking=True), data.labels.to(device, non_blocking=True)
-    loss_sum = torch.zeros((), device=device)
+    loss_sum = torch.zeros((), device=device)  # summed on the device: no sync per step
     model.train()
-    for batch in batch_indices(len(data), batch_size, epochs, max_steps, generator):
-        on_device = batch.to(device, non_blocking=True)
-        images, labels = all_images[on_device], all_labels[on_device]
+    for batch, images, labels in device_batches(data, batch_size, epochs, max_steps, generator, device):
         optimizer.zero_grad(set_to_none=True)
         losses = nn.functional.cross_entropy(model(images), labels, reduction="none")
         objective = (losses if loss_cap is None else losses.clamp(max=loss_cap)).mean()

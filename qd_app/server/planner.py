@@ -113,7 +113,7 @@ def unlearn_participants(federation: Federation, request: UnlearningRequest, sta
     """Nodes that unlearn: the holders of the classes, or the clients to forget."""
     if request.kind == "class":
         return holders(federation, request.targets, state, among)
-    return [federation.node_of(target) for target in request.targets if among is None or target in among]
+    return [federation.node_of(target) for target in request.targets if _among(target, among)]
 
 
 def stage_participants(federation: Federation, action: str, request: UnlearningRequest, state: Forgotten,
@@ -125,7 +125,11 @@ def stage_participants(federation: Federation, action: str, request: UnlearningR
 
 
 def _may(client: ClientInfo, state: Forgotten, among: Among) -> bool:
-    return client.partition_id not in state.clients and (among is None or client.partition_id in among)
+    return client.partition_id not in state.clients and _among(client.partition_id, among)
+
+
+def _among(partition: int, among: Among) -> bool:
+    return among is None or partition in among
 
 
 def walk(plan: Plan, state: Forgotten = NOTHING_FORGOTTEN) -> list[tuple[str, UnlearningRequest, Forgotten]]:

@@ -120,7 +120,7 @@ class StageStrategy(FedAvg):
 
     def select_nodes(self, server_round: int, grid: Grid) -> list[int]:  # pylint: disable=unused-argument
         """Nodes that take part in this round: a ``fraction_train`` sample of the participants."""
-        if self.participants is not None and self.fraction_train >= 1.0:
+        if self.fixed_nodes:
             return list(self.participants)
         pool = self.federation.node_ids if self.participants is None else list(self.participants)
         count = max(1, int(len(pool) * self.fraction_train))
@@ -150,6 +150,11 @@ class StageStrategy(FedAvg):
             messages.append(Message(content, message_type=self.message_type, dst_node_id=node))
         return messages
 
+    @property
+    def fixed_nodes(self) -> bool:
+        """Whether every round addresses the same nodes: all of the given participants."""
+        return self.participants is not None and self.fraction_train >= 1.0
+
     def node_config(self, node_id: int) -> dict[str, bool | int | float | str]:  # pylint: disable=unused-argument
         """Settings of one node's message on top of the round's (none by default); called once
         per node and round, in the order the messages are built."""
@@ -164,7 +169,7 @@ class StageStrategy(FedAvg):
         valid = self._account(server_round, replies)
         with_data = [reply for reply in valid if int(reply_metrics(reply)[protocol.NUM_EXAMPLES])]
         if not with_data:
-            self.ended = self.participants is not None and self.fraction_train >= 1.0
+            self.ended = self.fixed_nodes
             log(INFO, "%s round %s: no client had anything to do; model unchanged%s", self.stage_name, server_round,
                 "; the stage ends" if self.ended else "")
             self.finish_round()
