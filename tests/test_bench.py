@@ -240,7 +240,7 @@ def test_the_profile_times_plain_looped_and_batched_steps(tiny_mnist_dir, capsys
 
 def test_the_training_length_sweep_reports_retrain_or_and_the_speedup_per_length(tmp_path):
     suite = SUITES["training-length"]
-    assert [v["num-server-rounds"] for v in suite.variants.values()] == [5, 10, 20]
+    assert [v["num-server-rounds"] for v in suite.variants.values()] == [5, 10, 20, 30]
     report = report_of(suite, {"5 rounds": {"seeds": seeds(), "summary": summarise(seeds(), suite.methods)}})
     table = markdown(suite, report)
     assert "| QuickDrop faster by | Retrain-Or's sample gradients per QuickDrop's |" in table

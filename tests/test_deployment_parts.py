@@ -1,5 +1,6 @@
 """The pieces that make a real federation's rounds short, each on its own: packed arrays, the
-node's worker process, the SuperNode launcher's shorter waits, the SuperExec's warm ClientApp starts."""
+node's worker process, the SuperNode launcher's shorter waits, the SuperExec's warm ClientApp starts;
+and the simulation Grid's shorter wait for replies."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ from multiprocessing.connection import Client
 
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Message, RecordDict
+from flwr.superlink.grid import InMemoryGrid
 from inprocess import node_context, set_task_identity
 from test_apps import tiny_run_config
 
@@ -21,6 +23,7 @@ from qd_app.config import RunConfig
 from qd_app.core.models import ModelSpec, build_model
 from qd_app.deploy import supernode
 from qd_app.node_config import NodeSettings
+from qd_app.server import grid as server_grid
 
 
 def test_packed_arrays_come_back_exactly():
@@ -32,6 +35,19 @@ def test_packed_arrays_come_back_exactly():
     assert list(back) == ["w", "steps", "b"]
     assert all(torch.equal(back[k], state[k]) and back[k].dtype == state[k].dtype for k in state)
     assert protocol.unpack_arrays(content) is content  # nothing packed: unchanged
+
+
+def test_the_simulation_grid_looks_for_replies_every_hundredth_of_a_second(monkeypatch):
+    def simulation_grid() -> InMemoryGrid:
+        grid = InMemoryGrid.__new__(InMemoryGrid)  # the attribute that matters; no LinkState needed
+        grid.pull_interval = 0.1
+        return grid
+
+    grid = simulation_grid()
+    assert server_grid.for_short_rounds(grid) is grid and grid.pull_interval == server_grid.SIMULATION_POLL_INTERVAL_S
+    monkeypatch.setenv(server_grid.PLAIN_GRID, "1")  # Flower's Grid as it is, the baseline
+    plain = simulation_grid()
+    assert server_grid.for_short_rounds(plain) is plain and plain.pull_interval == 0.1
 
 
 def train_message(run_config: dict, packed: bool) -> Message:

@@ -38,7 +38,7 @@ class Suite:
 
 
 SCALES = (1, 10, 50, 100, 200, 1000)
-TRAINING_ROUNDS = (5, 10, 20)
+TRAINING_ROUNDS = (5, 10, 20, 30)
 # federation sizes; at 100 clients a tenth of them trains each round (the paper's SVHN setting)
 FEDERATION_SIZES = {"10 clients": (10, {}), "20 clients": (20, {}), "50 clients": (50, {}),
                     "100 clients, 10 % per round": (100, {"fraction-train": 0.1})}

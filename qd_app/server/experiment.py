@@ -45,7 +45,7 @@ from ..request import NOTHING_FORGOTTEN, UNLEARN, UnlearningRequest
 from . import planner
 from .evaluation import ServerEvaluator, SplitAccuracy, request_split
 from .federation import Federation, discover_federation, recorded_federation
-from .grid import for_deployment
+from .grid import for_short_rounds
 from .ledger import RUNNING, Ledger
 from .method import MethodContext, UnlearningMethod
 from .results import (CHECKPOINT_FILE, TRAINED_CHECKPOINT_FILE, ExperimentRecord, StageRecord, check_checkpoint,
@@ -336,7 +336,7 @@ def run_phase(grid: Grid, config: RunConfig, method: UnlearningMethod) -> Experi
     if config.client_models and method.global_model:
         raise ConfigError(f"client-models={config.client_models!r} gives each client a model of its own, which "
                           f"method={config.method!r} (one global model) cannot use: set it empty, or use hdus")
-    experiment = Experiment(for_deployment(grid), config, method)
+    experiment = Experiment(for_short_rounds(grid), config, method)
     with experiment.ledger.serving():
         steps = experiment.record_requests(experiment.plan())
         arrays = experiment.train() if config.phase in ("all", "train") else experiment.load_model()

@@ -7,7 +7,8 @@ each ArrayRecord packed into one array (:func:`qd_app.protocol.pack_arrays`); th
 ClientApp answers in kind, and replies are unpacked as they arrive, so strategies see
 ordinary records. A reply is listed before all its objects have reached the SuperLink;
 Flower's Grid then waits 1 s before asking again, this process's Grid 0.05 s (doubling
-from there, as Flower's).
+from there, as Flower's). In simulation, Flower's in-memory Grid looks for replies every
+0.1 s; :func:`for_short_rounds` makes that 0.01 s (a read of the in-memory state).
 """
 
 from __future__ import annotations
@@ -20,11 +21,12 @@ from collections.abc import Iterable
 from flwr.app import Message, RecordDict
 from flwr.serverapp import Grid
 from flwr.supercore.inflatable import inflatable_utils
-from flwr.superlink.grid import HttpGrid, http_grid
+from flwr.superlink.grid import HttpGrid, InMemoryGrid, http_grid
 
 from .. import protocol
 
 REPLY_POLL_INTERVAL_S = 0.1
+SIMULATION_POLL_INTERVAL_S = 0.01
 OBJECT_PULL_BACKOFF_S = 0.05
 PLAIN_GRID = "QD_APP_FLOWER_GRID"  # set (by `qd-app federation up --plain`): Flower's Grid as it is, a baseline
 
@@ -79,10 +81,16 @@ class DeploymentGrid(Grid):
         return replies
 
 
-def for_deployment(grid: Grid) -> Grid:
-    """The deployment Grid wrapped in :class:`DeploymentGrid`; any other Grid (or with
-    ``QD_APP_FLOWER_GRID`` set in the SuperLink's environment) as it is."""
-    if not isinstance(grid, HttpGrid) or os.environ.get(PLAIN_GRID):
+def for_short_rounds(grid: Grid) -> Grid:
+    """The deployment Grid wrapped in :class:`DeploymentGrid`, the simulation's Grid polling
+    every ``SIMULATION_POLL_INTERVAL_S``; with ``QD_APP_FLOWER_GRID`` set in the SuperLink's
+    environment, or any other Grid, the Grid as it is."""
+    if os.environ.get(PLAIN_GRID):
+        return grid
+    if isinstance(grid, InMemoryGrid):
+        grid.pull_interval = SIMULATION_POLL_INTERVAL_S
+        return grid
+    if not isinstance(grid, HttpGrid):
         return grid
     http_grid.pull_objects = functools.partial(inflatable_utils.pull_objects, initial_backoff=OBJECT_PULL_BACKOFF_S)
     return DeploymentGrid(grid)
