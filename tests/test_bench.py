@@ -238,6 +238,19 @@ def test_the_profile_times_plain_looped_and_batched_steps(tiny_mnist_dir, capsys
     assert rows[0].endswith("| 0.0 | 0.0 % |") and all(float(row.split(" | ")[1]) > 0 for row in rows)
 
 
+def test_the_profile_counts_the_synthetic_images_share_of_arithmetic_per_client_and_federation(
+        tiny_mnist_dir, capsys):
+    from qd_app.bench import profile
+
+    profile.main(["--flops", "--steps", "2", "--data-dir", str(tiny_mnist_dir)])
+    rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| ")][2:]
+    assert len(rows) == 11 and rows[-1].startswith("| federation")
+    shares = [float(cell.rstrip(" %")) for cell in rows[-1].rstrip(" |").split(" | ")[-2:]]
+    assert all(0 < share < 100 for share in shares)  # the matching adds arithmetic, never all of it
+    plain, looped = (float(rows[0].split(" | ")[index]) for index in (2, 3))
+    assert looped > plain > 0
+
+
 def test_the_training_length_sweep_reports_retrain_or_and_the_speedup_per_length(tmp_path):
     suite = SUITES["training-length"]
     assert [v["num-server-rounds"] for v in suite.variants.values()] == [5, 10, 20, 30]
