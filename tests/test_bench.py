@@ -174,8 +174,8 @@ def test_per_target_tables_name_each_seeds_target_and_show_the_fit_gap():
     for seed, client, retrain_unseen in zip(per_seed, (7, 3), (0.975, 0.90)):
         seed["target"] = f"client {client} (100 samples)"
         for method, gap, unseen in (("retrain", 0.0, retrain_unseen), ("quickdrop", 0.02, 0.98)):
-            seed["methods"][method].update({"fit-gap": gap, "tug-of-war": 1.0, "kl-vs-retrain": 0.0,
-                                            "accuracy": {"unseen": unseen}})
+            seed["methods"][method].update({"fit-gap": gap, "mia-gap": 1.5 * gap, "tug-of-war": 1.0,
+                                            "kl-vs-retrain": 0.0, "accuracy": {"unseen": unseen}})
         seed["methods"]["quickdrop"]["trained-unseen"] = 0.98
     report = {"command": "c", "machine": "m", "seeds": [0, 1], "settings": suite.settings,
               "variants": {"non-IID, largest client": {"seeds": per_seed,
@@ -183,6 +183,7 @@ def test_per_target_tables_name_each_seeds_target_and_show_the_fit_gap():
     table = markdown(suite, report)
     assert "### non-IID, largest client\n\nseed 0: client 7 (100 samples); seed 1: client 3 (100 samples)" in table
     assert "| F-Set − test on its classes |" in table and table.count("| 2.00 ± 0.00 % |") == 1
+    assert "| MIA − test on its classes |" in table and table.count("| 3.00 ± 0.00 % |") == 1
     # seed 0: retraining loses 0.5 points, so F-Set, MIA and ToW are judged; seed 1: it loses 8 points, so the
     # client's data was irreplaceable and only the fit-gap (2 points here) is judged
     assert "| 0 | client 7 (100 samples) | 1.00 / 0.00 | 97.00 / 98.00 | 1.00 / 1.00 | 1.000 | 0.50 |" in table

@@ -13,7 +13,8 @@ from .suites import Suite, config_text
 
 
 # reported where measured: key, column title, shown as a percentage, digits
-OPTIONAL_COLUMNS = (("fit-gap", "F-Set − test on its classes", True, 2), ("anamnesis", "AIN", False, 2))
+OPTIONAL_COLUMNS = (("fit-gap", "F-Set − test on its classes", True, 2),
+                    ("mia-gap", "MIA − test on its classes", True, 2), ("anamnesis", "AIN", False, 2))
 
 
 def _speedup(rows: list[dict[str, Any]], seeds: list[dict[str, Any]], key: str) -> tuple[float, float]:

@@ -13,7 +13,7 @@ import torch
 
 from ..config import DATASET_CLASSES, RunConfig
 from ..core.data import LabeledImages, evaluation_split, load_split, partition_indices
-from ..core.metrics import anamnesis_index, membership_inference, output_kl, relearn_steps, tug_of_war
+from ..core.metrics import anamnesis_index, membership_attack, output_kl, relearn_steps, tug_of_war
 from ..core.models import ModelSpec, build_model
 from ..core.training import logits
 from ..server.results import CHECKPOINT_FILE
@@ -110,7 +110,8 @@ def _model_metrics(config: RunConfig, suite: Suite, request: dict[str, str], mod
                    trained_file: Path) -> dict[str, dict[str, float]]:
     """MIA on the forget set, and KL / tug-of-war against Retrain-Or, for every method's final model;
     for a client, also how much better its data fits than test images of its classes (``fit-gap``)
-    and the trained model's accuracy on those test images (``trained-unseen``);
+    and the trained model's accuracy on those test images (``trained-unseen``), and how much more
+    often the attack calls its data members than those test images (``mia-gap``);
     with ``suite.anamnesis``, the Anamnesis Index of a class request."""
     train = load_split(config.dataset, config.data_path, True)
     test = evaluation_split(config)
@@ -132,9 +133,10 @@ def _model_metrics(config: RunConfig, suite: Suite, request: dict[str, str], mod
     num_classes = DATASET_CLASSES[config.dataset]
     class_mix = torch.tensor(forget.class_counts(num_classes), dtype=torch.double) / len(forget)
 
-    def unseen(predictions: torch.Tensor) -> float:
-        """Test accuracy of each class, weighted as the client's data holds them."""
-        per_class = [float((predictions == test.labels)[test.labels == c].double().mean()) for c in range(num_classes)]
+    def unseen(hits: torch.Tensor) -> float:
+        """The mean of ``hits`` (one per test image) in each class, weighted as the client's data
+        holds them: what the client's data would score if it were unseen."""
+        per_class = [float(hits[test.labels == c].double().mean()) for c in range(num_classes)]
         return float((class_mix * torch.tensor(per_class, dtype=torch.double)).sum())
 
     all_outputs, models = {}, {}
@@ -144,7 +146,7 @@ def _model_metrics(config: RunConfig, suite: Suite, request: dict[str, str], mod
                                (("members", train.images[members]), ("test", test.images), ("forget", forget.images))}
     if client_request:  # the trained model on the test images of the client's classes
         trained_unseen = unseen(logits(_load_model(config, trained_file), test.images,
-                                       config.eval_batch_size).argmax(1))
+                                       config.eval_batch_size).argmax(1) == test.labels)
     metrics = {}
     for method, outputs in all_outputs.items():
         predictions = outputs["test"].argmax(1)
@@ -153,16 +155,14 @@ def _model_metrics(config: RunConfig, suite: Suite, request: dict[str, str], mod
             "retain": float((predictions == test.labels)[~test_forget].double().mean()),
             "test": float((predictions == test.labels).double().mean()),
         }
+        attack = membership_attack((outputs["members"], train.labels[members]), (outputs["test"], test.labels),
+                                   seed=config.seed)
+        metrics[method] = {"mia": float(attack(outputs["forget"], forget.labels).double().mean()),
+                           "accuracy": accuracy}
         if client_request:
-            accuracy["unseen"] = unseen(predictions)
-        metrics[method] = {
-            "mia": membership_inference((outputs["members"], train.labels[members]),
-                                        (outputs["test"], test.labels), (outputs["forget"], forget.labels),
-                                        seed=config.seed),
-            "accuracy": accuracy,
-        }
-        if client_request:
+            accuracy["unseen"] = unseen(predictions == test.labels)
             metrics[method]["fit-gap"] = accuracy["forget"] - accuracy["unseen"]
+            metrics[method]["mia-gap"] = metrics[method]["mia"] - unseen(attack(outputs["test"], test.labels))
             metrics[method]["trained-unseen"] = trained_unseen
     if suite.anamnesis and not client_request:
         indices = _anamnesis(config, trained_file, models, forget, test.subset(torch.nonzero(test_forget).flatten()))

@@ -3,7 +3,9 @@
 - Population membership inference (as in SalUn and sparse-unlearning work): a
   logistic regression on softmax confidence features learns retain-train samples
   (members) against test samples (non-members); applied to the forget set, the
-  fraction it calls members says how much of it the model still "remembers".
+  fraction it calls members says how much of it the model still "remembers". It also
+  calls unseen samples of classes the model is confident on members, so a client request
+  compares it with its rate on unseen (test) samples of the client's classes.
 - Tug-of-war (ToW) against Retrain-Or: the product over forget, retain and test of
   (1 - |acc - acc_retrain|); 1.0 is indistinguishable from retraining by accuracy.
 - Output divergence: mean KL(p_retrain || p_model) of the softmax outputs on the test set.
@@ -50,13 +52,13 @@ def fit_logistic_regression(features: torch.Tensor, targets: torch.Tensor, steps
     return lambda f: torch.sigmoid(((f - mean) / std) @ weights + bias)
 
 
-def membership_inference(
+def membership_attack(
     members: tuple[torch.Tensor, torch.Tensor],
     non_members: tuple[torch.Tensor, torch.Tensor],
-    targets: tuple[torch.Tensor, torch.Tensor],
     seed: int = 0,
-) -> float:
-    """Fraction of ``targets`` (logits, labels) that an attack trained on members vs non-members calls members.
+) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+    """An attack trained on members vs non-members (logits, labels); returns a function of
+    (logits, labels) that says, per sample, whether the attack calls it a member.
 
     The attack is trained on equally many members and non-members (the larger group
     is subsampled with ``seed``).
@@ -70,7 +72,7 @@ def membership_inference(
     features = torch.cat([member_features, non_member_features])
     labels = torch.cat([torch.ones(size), torch.zeros(size)])
     predict = fit_logistic_regression(features, labels)
-    return float((predict(confidence_features(*targets)) > 0.5).double().mean()) if len(targets[1]) else math.nan
+    return lambda logits, labels: predict(confidence_features(logits, labels)) > 0.5
 
 
 def tug_of_war(accuracies: dict[str, float], retrain_accuracies: dict[str, float]) -> float:
