@@ -149,18 +149,18 @@ def _model_metrics(config: RunConfig, suite: Suite, request: dict[str, str], mod
                                        config.eval_batch_size).argmax(1) == test.labels)
     metrics = {}
     for method, outputs in all_outputs.items():
-        predictions = outputs["test"].argmax(1)
+        correct = outputs["test"].argmax(1) == test.labels
         accuracy = {
             "forget": float((outputs["forget"].argmax(1) == forget.labels).double().mean()),
-            "retain": float((predictions == test.labels)[~test_forget].double().mean()),
-            "test": float((predictions == test.labels).double().mean()),
+            "retain": float(correct[~test_forget].double().mean()),
+            "test": float(correct.double().mean()),
         }
         attack = membership_attack((outputs["members"], train.labels[members]), (outputs["test"], test.labels),
                                    seed=config.seed)
         metrics[method] = {"mia": float(attack(outputs["forget"], forget.labels).double().mean()),
                            "accuracy": accuracy}
         if client_request:
-            accuracy["unseen"] = unseen(predictions == test.labels)
+            accuracy["unseen"] = unseen(correct)
             metrics[method]["fit-gap"] = accuracy["forget"] - accuracy["unseen"]
             metrics[method]["mia-gap"] = metrics[method]["mia"] - unseen(attack(outputs["test"], test.labels))
             metrics[method]["trained-unseen"] = trained_unseen
