@@ -10,7 +10,7 @@ import pytest
 
 from qd_app.bench import __main__ as bench_main
 from qd_app.bench.plots import plot
-from qd_app.bench.report import markdown, summarise
+from qd_app.bench.report import client_misses, markdown, summarise
 from qd_app.bench.runner import method_row, target_requests
 from qd_app.bench.suites import SUITES
 from qd_app.deploy.processes import PROJECT, staged_app
@@ -186,8 +186,22 @@ def test_per_target_tables_name_each_seeds_target_and_show_the_fit_gap():
     assert "| MIA − test on its classes |" in table and table.count("| 3.00 ± 0.00 % |") == 1
     # seed 0: retraining loses 0.5 points, so F-Set, MIA and ToW are judged; seed 1: it loses 8 points, so the
     # client's data was irreplaceable and only the fit-gap (2 points here) is judged
-    assert "| 0 | client 7 (100 samples) | 1.00 / 0.00 | 97.00 / 98.00 | 1.00 / 1.00 | 1.000 | 0.50 |" in table
+    assert ("| 0 | client 7 (100 samples) | 1.00 / 0.00 | 97.00 / 98.00 | 1.00 / 1.00 | 3.00 / 0.00 | 1.000 | 0.50 |"
+            in table)
     assert "| 1 | client 3 (100 samples) |" in table and "| 8.00 | 2.00 / 0.00 | 200x | met |" in table
+
+
+def test_the_client_bar_judges_membership_by_the_mia_gap_where_the_report_has_it():
+    def client(mia: float, **metrics) -> dict:
+        return {"retain": 0.98, "seconds": 1.0, "forget": 0.98, "tug-of-war": 1.0, "fit-gap": 0.0, "mia": mia,
+                "accuracy": {"unseen": 0.97}, "trained-unseen": 0.97, **metrics}
+
+    quickdrop, retrain = client(0.30, **{"mia-gap": 0.02}), client(0.20, **{"mia-gap": -0.01}, seconds=100.0)
+    assert client_misses(quickdrop, retrain) == []  # 10 points apart, but as often as unseen images of its classes
+    assert client_misses({**quickdrop, "mia-gap": 0.07}, retrain) == ["MIA"]
+    quickdrop.pop("mia-gap")  # an older report: the raw rate is judged
+    assert client_misses(quickdrop, retrain) == ["MIA"]
+    assert client_misses({**quickdrop, "mia": 0.24, "retain": 0.96}, retrain) == ["R-Set"]
 
 
 def test_the_command_line_refuses_a_method_or_variant_the_suite_does_not_have(capsys):

@@ -224,19 +224,22 @@ IRREPLACEABLE = 0.015
 
 def client_misses(quickdrop: dict[str, Any], retrain: dict[str, Any]) -> list[str]:
     """The lines of the client-level bar QuickDrop misses for one client and seed (empty: met):
-    R-Set at most 1.5 points below Retrain-Or's, at least 50x faster, and either F-Set within
-    3 points, MIA within 5 and ToW at least 0.95, or, where the client's data was irreplaceable,
-    its data fitting like unseen data as closely as under Retrain-Or (fit-gap within 3 points)."""
-    misses = []
-    if quickdrop["retain"] < retrain["retain"] - 0.015:
-        misses.append("R-Set")
-    if retrain["seconds"] < 50 * quickdrop["seconds"]:
-        misses.append("speed")
+    R-Set at most 1.5 points below Retrain-Or's, at least 50x faster, MIA within 5 points, and
+    either F-Set within 3 points and ToW at least 0.95 or, where the client's data was
+    irreplaceable, its data fitting like unseen data as closely as under Retrain-Or (fit-gap
+    within 3 points). MIA is judged by how much more often the attack calls the client's data
+    members than unseen images of its classes (``mia-gap``), where the report has it: the raw
+    rate also counts the model's confidence on those classes (docs/benchmark.md)."""
+    mia = "mia-gap" if "mia-gap" in quickdrop and "mia-gap" in retrain else "mia"
+    checks = {"R-Set": quickdrop["retain"] >= retrain["retain"] - 0.015,
+              "speed": retrain["seconds"] >= 50 * quickdrop["seconds"],
+              "MIA": abs(quickdrop[mia] - retrain[mia]) <= 0.05}
     if retrain_loss(quickdrop, retrain) > IRREPLACEABLE:
-        return misses + (["fit-gap"] if abs(quickdrop["fit-gap"] - retrain["fit-gap"]) > 0.03 else [])
-    checks = {"F-Set": abs(quickdrop["forget"] - retrain["forget"]) <= 0.03,
-              "MIA": abs(quickdrop["mia"] - retrain["mia"]) <= 0.05, "ToW": quickdrop["tug-of-war"] >= 0.95}
-    return misses + [line for line, held in checks.items() if not held]
+        checks["fit-gap"] = abs(quickdrop["fit-gap"] - retrain["fit-gap"]) <= 0.03
+    else:
+        checks.update({"F-Set": abs(quickdrop["forget"] - retrain["forget"]) <= 0.03,
+                       "ToW": quickdrop["tug-of-war"] >= 0.95})
+    return [line for line, held in checks.items() if not held]
 
 
 def retrain_loss(quickdrop: dict[str, Any], retrain: dict[str, Any]) -> float:
@@ -254,10 +257,12 @@ def _client_lines(seeds: list[dict[str, Any]]) -> list[str]:
     if not all({"quickdrop", "retrain"} <= set(s["methods"]) and "fit-gap" in s["methods"]["quickdrop"]
                for s in seeds):
         return []
+    gaps = all("mia-gap" in s["methods"]["quickdrop"] for s in seeds)
     lines = ["", "Per seed, QuickDrop / Retrain-Or (loss: Retrain-Or below the trained model on the test images "
              "of the client's classes; above 1.5 points the client's data was irreplaceable and F-Set is judged "
-             "by the fit-gap):", "", "| seed | client | F-Set | R-Set | MIA | ToW | loss | fit-gap | faster by | bar |",
-             "|" + " --- |" * 10]
+             "by the fit-gap" + ("; MIA is judged by the MIA gap" if gaps else "") + "):", "",
+             "| seed | client | F-Set | R-Set | MIA |" + (" MIA gap |" if gaps else "") +
+             " ToW | loss | fit-gap | faster by | bar |", "|" + " --- |" * (10 + gaps)]
     for seed in seeds:
         quickdrop, retrain = seed["methods"]["quickdrop"], seed["methods"]["retrain"]
         misses = client_misses(quickdrop, retrain)
@@ -266,6 +271,7 @@ def _client_lines(seeds: list[dict[str, Any]]) -> list[str]:
             return f"{100 * quickdrop[key]:.2f} / {100 * retrain[key]:.2f}"
 
         lines.append(f"| {seed['seed']} | {seed['target']} | {pair('forget')} | {pair('retain')} | {pair('mia')} | "
+                     + (f"{pair('mia-gap')} | " if gaps else "") +
                      f"{quickdrop['tug-of-war']:.3f} | {100 * retrain_loss(quickdrop, retrain):.2f} | "
                      f"{pair('fit-gap')} | {retrain['seconds'] / quickdrop['seconds']:.0f}x | "
                      f"{'missed: ' + ', '.join(misses) if misses else 'met'} |")
