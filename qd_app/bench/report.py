@@ -257,7 +257,7 @@ def _client_lines(seeds: list[dict[str, Any]]) -> list[str]:
     if not all({"quickdrop", "retrain"} <= set(s["methods"]) and "fit-gap" in s["methods"]["quickdrop"]
                for s in seeds):
         return []
-    gaps = all("mia-gap" in s["methods"]["quickdrop"] for s in seeds)
+    gaps = all("mia-gap" in s["methods"][method] for s in seeds for method in ("quickdrop", "retrain"))
     lines = ["", "Per seed, QuickDrop / Retrain-Or (loss: Retrain-Or below the trained model on the test images "
              "of the client's classes; above 1.5 points the client's data was irreplaceable and F-Set is judged "
              "by the fit-gap" + ("; MIA is judged by the MIA gap" if gaps else "") + "):", "",
